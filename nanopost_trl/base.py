@@ -1,0 +1,88 @@
+"""The four paper-style types: LossFn, RewardFn, LearnerBatch, TaskInstance.
+
+Everything a researcher writes is expressed in these types; the adapter in `trainer.py` translates them onto TRL.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Metrics = dict[str, float]
+Prompt = str | list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class LearnerBatch:
+    """What a loss sees: tensors only, no raw tokens. B sequences, T completion positions.
+
+    `loss_mask[:, 1:]` lines up with the log-prob tensors (column 0 is the last prompt position), so
+    `mask = batch.loss_mask[:, 1:]` selects the completion tokens that count.
+    """
+
+    policy_logprobs: torch.Tensor  # (B, T), requires grad: log pi_theta of each sampled completion token
+    rollout_logprobs: torch.Tensor  # (B, T): log-probs under the policy that sampled the token (the actor)
+    reference_logprobs: torch.Tensor | None  # (B, T) under the frozen reference; None when the loss does not use it
+    advantages: torch.Tensor  # (B, 1), broadcastable over tokens
+    rewards: torch.Tensor  # (B,)
+    loss_mask: torch.Tensor  # (B, T + 1), float 0/1
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The (B, T) mask aligned with the log-prob tensors, i.e. `loss_mask[:, 1:]`."""
+        return self.loss_mask[:, 1:]
+
+
+class LossFn(abc.ABC):
+    """A loss: `loss, metrics = loss_fn(batch)`. Subclass it as a `@dataclass` with hyper-parameters as fields.
+
+    A field left at `None` whose name is also a `TrainConfig` field (e.g. `kl_coef`, `max_new_tokens`) is filled in
+    from the run's config when training starts.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, batch: LearnerBatch) -> tuple[torch.Tensor, Metrics]:
+        """Return a scalar loss (with grad) and a dict of float metrics, logged with the prefix `loss_`."""
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages from rewards grouped by prompt, (G, K) -> (G, K). Default: GRPO's group normalisation
+        (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`."""
+        return group_normalized_advantages(rewards)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss reads `reference_logprobs`. The reference forward pass runs only if True.
+
+        Default: True unless the loss has a `kl_coef` field equal to 0. Override when the rule does not fit.
+        """
+        return getattr(self, "kl_coef", None) != 0
+
+
+def group_normalized_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(r - mean_group(r)) / (std_group(r) + 1e-4) over the last dim (unbiased std; 0 for a group of one)."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + 1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInstance:
+    """One prompt and its grader. `eval_fn(completion) -> score` (1.0 correct, 0.0 wrong for exact graders)."""
+
+    name: str
+    prompt: Prompt
+    eval_fn: Callable[[str], float]
+
+
+class RewardFn(abc.ABC):
+    """Scores decoded completions: `reward_fn(completions, instances) -> list[float]`, one score each."""
+
+    name: str = "reward"
+
+    @abc.abstractmethod
+    def __call__(self, completions: list[str], instances: list[TaskInstance]) -> list[float]:
+        """Return one float per completion; `instances[i]` is the task instance completion i answers."""
