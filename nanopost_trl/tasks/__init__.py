@@ -18,7 +18,12 @@ class TaskLoader(Protocol):
 
 
 # name -> module under nanopost_trl.tasks defining `load`; imported on first use so optional deps stay optional.
-TASK_MODULES: dict[str, str] = {}
+TASK_MODULES: dict[str, str] = {
+    "addition": "addition",
+    "countdown": "countdown",
+    "gsm8k": "gsm8k",
+    "math": "math",
+}
 
 
 def task_names() -> list[str]:
