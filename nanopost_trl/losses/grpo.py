@@ -7,6 +7,8 @@ Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300), eq. (3); the clip is Schulm
 
 Aggregations match TRL's `loss_type`: "seq_mean" = "grpo" (mean over sequences of the masked token mean),
 "token_mean" = "bnpo" (masked sum / valid tokens), "constant" = "dr_grpo" (masked sum / (B * max_new_tokens)).
+`kl_ratio_correction=True` weights the KL term by r_t as TRL does by default (`use_bias_correction_kl`): an
+importance-sampling correction of the KL estimate for off-policy samples; off by default, as in the paper.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ class GRPOLoss(base.LossFn):
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
+    kl_ratio_correction: bool = False  # weight the KL by the ratio r_t (TRL's `use_bias_correction_kl`)
 
     def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
         mask = batch.mask
         ratio = torch.exp(batch.policy_logprobs - batch.rollout_logprobs)
         clipped_ratio = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
         per_token = -torch.min(ratio * batch.advantages, clipped_ratio * batch.advantages)
-        metrics = {"clipfrac": masked_mean(((ratio * batch.advantages) > (clipped_ratio * batch.advantages)).float(), mask)}
+        metrics = {
+            "clipfrac": masked_mean(((ratio * batch.advantages) > (clipped_ratio * batch.advantages)).float(), mask)
+        }
         if self.kl_coef:
             kl = kl_to_reference(batch)
-            per_token = per_token + self.kl_coef * kl
+            per_token = per_token + self.kl_coef * (kl * ratio if self.kl_ratio_correction else kl)
             metrics["kl_ref"] = masked_mean(kl, mask)
         return aggregate(per_token, mask, self.aggregation, self.max_new_tokens), metrics
-

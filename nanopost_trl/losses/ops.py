@@ -31,3 +31,8 @@ def aggregate(
             raise ValueError('aggregation="constant" needs max_new_tokens (set it on the loss or in TrainConfig)')
         return (per_token * mask).sum() / (per_token.shape[0] * max_new_tokens)
     raise ValueError(f"unknown aggregation {aggregation!r}; valid: 'seq_mean', 'token_mean', 'constant'")
+
+
+def delight(batch: base.LearnerBatch) -> torch.Tensor:
+    """Per-token delight chi = A * l, with l = -sg(logp) the surprisal under the learner's current policy (detached)."""
+    return batch.advantages * -batch.policy_logprobs.detach()

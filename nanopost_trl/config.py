@@ -1,0 +1,309 @@
+"""TrainConfig (every knob of a run, documented) and Preset (rough starting points per model and GPU).
+
+`Preset.QWEN_1_5B_1xA100.make(num_steps=2048, kl_coef=0.02)` returns a TrainConfig; `to_grpo_config` maps it onto
+TRL's GRPOConfig. Field help strings double as the CLI's `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from nanopost_trl.utils import make_dataclass
+
+TINY_MODEL = "nanopost-tiny"  # the model shipped inside the package (nanopost_trl/assets/tiny)
+
+
+def resolve_model_path(model: str) -> str:
+    """The path or hub id to load: `TINY_MODEL` resolves to the package's embedded checkpoint."""
+    if model == TINY_MODEL:
+        from nanopost_trl.assets import TINY_MODEL_PATH
+
+        return str(TINY_MODEL_PATH)
+    return model
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run. Batch sizes count completions (prompts x responses) unless they say prompts."""
+
+    # --- what to train
+    model: str = field(default=TINY_MODEL, metadata={"help": "Hub id or local path; 'nanopost-tiny' = embedded model."})
+    num_steps: int = field(default=200, metadata={"help": "Optimizer steps (one generation batch each)."})
+    prompts_per_step: int = field(default=8, metadata={"help": "Distinct prompts per optimizer step (all processes)."})
+    responses_per_prompt: int = field(default=8, metadata={"help": "Completions sampled per prompt (group size)."})
+    micro_batch_size: int = field(
+        default=64, metadata={"help": "Completions per forward/backward per process; the rest is accumulated."}
+    )
+    # --- optimisation
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_schedule: str = field(
+        default="constant_with_warmup",
+        metadata={"help": "transformers scheduler name: constant_with_warmup, cosine, linear, ..."},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    kl_coef: float = field(
+        default=0.0, metadata={"help": "KL-to-reference coefficient for losses whose kl_coef is None; 0 skips ref."}
+    )
+    # --- sampling
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for rollouts."})
+    # --- actor / learner
+    sync_interval: int = field(
+        default=1, metadata={"help": "Actor re-copies the learner's weights every N steps (1 = on-policy)."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer passes over each generation batch (TRL's num_iterations)."}
+    )
+    offload_reference: bool = field(
+        default=False, metadata={"help": "Keep the reference model on CPU between its log-prob passes."}
+    )
+    # --- held-out evaluation
+    eval_every: int = field(default=0, metadata={"help": "Greedy held-out eval every N steps (0: start and end only)."})
+    eval_size: int = field(default=200, metadata={"help": "Held-out instances per task for eval."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Prompts per greedy-decoding batch in eval."})
+    # --- data
+    data_dir: str | None = field(default=None, metadata={"help": "Local dir with task data files (offline use)."})
+    # --- run bookkeeping
+    seed: int = field(default=0, metadata={"help": "Seed for model init, sampling and data order."})
+    run_name: str | None = field(default=None, metadata={"help": "Name of the run; default: loss-tasks-seed-time."})
+    out_dir: str = field(default="out", metadata={"help": "Where {run_name}.jsonl, config and checkpoints go."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: final model only)."})
+    save_final_model: bool = field(default=True, metadata={"help": "save_pretrained the final model/adapter."})
+    wandb_log: bool = field(default=False, metadata={"help": "Report to Weights & Biases."})
+    wandb_project: str = field(default="nanopost_trl", metadata={"help": "W&B project."})
+    skip_nonfinite: bool = field(
+        default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
+    )
+    # --- memory / precision
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (colocate mode; GPU only)."})
+    # --- LoRA (peft); lora_r = 0 trains all weights
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma list of modules or 'all-linear'."})
+    merge_adapter_on_save: bool = field(default=False, metadata={"help": "Save the merged model instead of adapter."})
+    # --- hub
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model/adapter with a model card."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/my-run."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the hub repo as private."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "prompts_per_step", "responses_per_prompt", "micro_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.responses_per_prompt < 2:
+            raise ValueError("TrainConfig.responses_per_prompt must be >= 2: advantages are relative to the group")
+        if self.sync_interval < 1:
+            raise ValueError(f"TrainConfig.sync_interval must be >= 1, got {self.sync_interval}")
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.responses_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_QWEN_GPU = dict(bf16=True, gradient_checkpointing=True, learning_rate=1e-6, temperature=1.0, eval_every=64)
+
+
+class Preset(enum.Enum):
+    """Rough (model, batch sizes, max_new_tokens) starting points; `Preset.X.make(**overrides) -> TrainConfig`."""
+
+    TINY_CPU = dict(
+        model=TINY_MODEL,
+        num_steps=200,
+        prompts_per_step=8,
+        responses_per_prompt=8,
+        micro_batch_size=64,
+        max_new_tokens=8,
+        learning_rate=1e-4,
+        eval_every=25,
+        eval_size=300,
+    )
+    TINY_SMOKE = dict(
+        model=TINY_MODEL,
+        num_steps=2,
+        prompts_per_step=2,
+        responses_per_prompt=4,
+        micro_batch_size=8,
+        max_new_tokens=8,
+        learning_rate=1e-4,
+        eval_size=16,
+    )
+    QWEN_0_5B_SMOKE = dict(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        num_steps=2,
+        prompts_per_step=2,
+        responses_per_prompt=4,
+        micro_batch_size=8,
+        max_new_tokens=64,
+        eval_size=8,
+    )
+    QWEN_0_5B_FAST = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        num_steps=256,
+        prompts_per_step=16,
+        responses_per_prompt=8,
+        micro_batch_size=32,
+        max_new_tokens=256,
+    )
+    QWEN_1_5B_1xA100 = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-1.5B-Instruct",
+        num_steps=1024,
+        prompts_per_step=16,
+        responses_per_prompt=8,
+        micro_batch_size=8,
+        max_new_tokens=512,
+    )
+    QWEN_1_5B_1x80GB = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-1.5B-Instruct",
+        num_steps=1024,
+        prompts_per_step=32,
+        responses_per_prompt=8,
+        micro_batch_size=16,
+        max_new_tokens=512,
+    )
+    GEMMA_1B_1xA100 = dict(
+        _QWEN_GPU,
+        model="google/gemma-3-1b-it",
+        num_steps=1024,
+        prompts_per_step=16,
+        responses_per_prompt=8,
+        micro_batch_size=8,
+        max_new_tokens=512,
+    )
+    GEMMA_1B_1x80GB = dict(
+        _QWEN_GPU,
+        model="google/gemma-3-1b-it",
+        num_steps=1024,
+        prompts_per_step=32,
+        responses_per_prompt=8,
+        micro_batch_size=16,
+        max_new_tokens=512,
+    )
+    QWEN_3B_8xA100 = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-3B-Instruct",
+        num_steps=1024,
+        prompts_per_step=64,
+        responses_per_prompt=8,
+        micro_batch_size=4,
+        max_new_tokens=512,
+    )
+    QWEN_1_5B_LORA_24GB = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-1.5B-Instruct",
+        num_steps=1024,
+        prompts_per_step=8,
+        responses_per_prompt=8,
+        micro_batch_size=8,
+        max_new_tokens=384,
+        learning_rate=1e-5,
+        lora_r=32,
+        lora_alpha=64,
+    )
+    QWEN_3B_LORA_24GB = dict(
+        _QWEN_GPU,
+        model="Qwen/Qwen2.5-3B-Instruct",
+        num_steps=1024,
+        prompts_per_step=8,
+        responses_per_prompt=8,
+        micro_batch_size=4,
+        max_new_tokens=384,
+        learning_rate=1e-5,
+        lora_r=32,
+        lora_alpha=64,
+    )
+
+    def make(self, **overrides: Any) -> TrainConfig:
+        """A TrainConfig from this preset with `overrides` applied; unknown fields raise a TypeError."""
+        return make_dataclass(TrainConfig, {**self.value, **overrides})
+
+    @classmethod
+    def from_name(cls, name: str) -> Preset:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(p.name for p in cls)}") from None
+
+
+def output_paths(cfg: TrainConfig) -> dict[str, Path]:
+    """Where a run writes: the per-step log, the config record, and the checkpoint directory."""
+    out = Path(cfg.out_dir)
+    return {
+        "log": out / f"{cfg.run_name}.jsonl",
+        "config": out / f"{cfg.run_name}-config.json",
+        "checkpoints": out / cfg.run_name,
+    }
+
+
+def to_grpo_config(
+    cfg: TrainConfig, *, num_processes: int, uses_reference: bool, reward_weights: list[float] | None = None
+):
+    """The one place a TrainConfig becomes TRL's GRPOConfig.
+
+    One optimizer step per generation batch: each process generates `completions_per_step / num_processes`
+    completions and back-propagates them `micro_batch_size` at a time (gradient accumulation covers the rest).
+    TRL's `beta` only gates the reference model here (the loss owns its KL coefficient), so it is 1.0 when the loss
+    reads reference log-probs and 0.0 (no reference model, no reference forward pass) otherwise.
+    """
+    from trl import GRPOConfig
+
+    if cfg.completions_per_step % num_processes:
+        raise ValueError(
+            f"prompts_per_step x responses_per_prompt = {cfg.completions_per_step} must divide evenly over "
+            f"{num_processes} processes"
+        )
+    per_process = cfg.completions_per_step // num_processes
+    micro_batch = min(cfg.micro_batch_size, per_process)
+    if per_process % micro_batch:
+        raise ValueError(
+            f"micro_batch_size={cfg.micro_batch_size} must divide the {per_process} completions each process "
+            f"handles per step"
+        )
+    return GRPOConfig(
+        output_dir=str(output_paths(cfg)["checkpoints"]),
+        run_name=cfg.run_name,
+        max_steps=cfg.num_steps,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=per_process // micro_batch,
+        num_generations=cfg.responses_per_prompt,
+        generation_batch_size=cfg.completions_per_step,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        beta=1.0 if uses_reference else 0.0,
+        num_iterations=cfg.num_iterations,
+        reward_weights=reward_weights,
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        report_to=["wandb"] if cfg.wandb_log else "none",
+        bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        use_vllm=cfg.use_vllm,
+        vllm_mode="colocate",
+        push_to_hub=cfg.push_to_hub,
+        hub_model_id=cfg.hub_model_id,
+        hub_private_repo=cfg.hub_private,
+        log_completions=False,
+    )

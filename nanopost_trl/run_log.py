@@ -1,0 +1,216 @@
+"""Run outputs: `out/{run_name}.jsonl` (a row per optimizer step, append-only), `out/{run_name}-config.json`, the
+held-out eval, the short per-step console line, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from nanopost_trl import base
+from nanopost_trl.config import TrainConfig
+from nanopost_trl.evaluation import greedy_accuracy
+
+# TRL's log keys -> the column names of the run log; other keys keep their name with "/" -> "_".
+RENAMED_KEYS = {
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "completions/mean_length": "response_len_mean",
+    "learning_rate": "lr",
+    "step_time": "step_time_s",
+}
+DROPPED_KEYS = {"epoch", "num_tokens"}
+
+
+def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: Any) -> None:
+    """Record the full TrainConfig, the loss (class and fields), the tasks and package versions."""
+    import accelerate
+    import transformers
+    import trl
+
+    loss_args = dataclasses.asdict(loss_fn) if dataclasses.is_dataclass(loss_fn) else {}
+    task_names = [tasks] if isinstance(tasks, str) else sorted({t if isinstance(t, str) else t.name for t in tasks})
+    record = {
+        "run_name": cfg.run_name,
+        "config": cfg.to_dict(),
+        "loss": {
+            "name": type(loss_fn).__name__.removesuffix("Loss").lower(),
+            "class": f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}",
+            "args": loss_args,
+        },
+        "tasks": task_names,
+        "versions": {m.__name__: m.__version__ for m in (torch, trl, transformers, accelerate)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it, so a kill mid-run loses at most the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a run log, skipping a truncated (unparseable) line."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """On resume from a checkpoint at `step`, drop later rows (they will be logged again) by an atomic rewrite."""
+    if not path.exists():
+        return
+    kept = [row for row in read_rows(path) if row.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
+def to_row(step: int, logs: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"step": step}
+    for key, value in logs.items():
+        if key not in DROPPED_KEYS and value is not None:
+            row[RENAMED_KEYS.get(key, key.replace("/", "_"))] = value
+    if "step_time_s" in row and "generation_time_s" in row:
+        row["learning_time_s"] = row["step_time_s"] - row["generation_time_s"]
+    return row
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What `Trainer.run` returns: where the outputs are and how the run went."""
+
+    run_name: str
+    log_path: Path
+    config_path: Path
+    model_dir: Path | None
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    reward_first: float | None  # mean reward over the first steps (up to 10)
+    reward_last: float | None  # mean reward over the last steps (up to 10)
+    final_metrics: dict[str, Any]
+
+    def __str__(self) -> str:
+        lines = [f"run {self.run_name}"]
+        for task in sorted(self.eval_after):
+            before = self.eval_before.get(task, float("nan"))
+            lines.append(f"  held-out greedy accuracy [{task}]: {before:.1%} -> {self.eval_after[task]:.1%}")
+        if self.reward_first is not None:
+            lines.append(
+                f"  train reward (mean of first -> last 10 steps): {self.reward_first:.3f} -> {self.reward_last:.3f}"
+            )
+        lines.append(f"  log: {self.log_path}   config: {self.config_path}")
+        if self.model_dir is not None:
+            lines.append(f"  model: {self.model_dir}")
+        return "\n".join(lines)
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' progress bar without its dict dump on every log; `RunLogger` prints a short line instead."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class RunLogger(TrainerCallback):
+    """Writes the run log (main process), runs the held-out eval on every process (sharded), prints per-step lines."""
+
+    def __init__(self, trainer, log_path: Path, eval_instances: Sequence[base.TaskInstance], resume: bool) -> None:
+        self.trainer = trainer
+        self.log_path = Path(log_path)
+        self.eval_instances = list(eval_instances)
+        self.resume = resume
+        self.pending_eval: dict[str, float] = {}
+        self.eval_before: dict[str, float] = {}
+        self.eval_after: dict[str, float] = {}
+        self.is_main = trainer.accelerator.is_main_process
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy per task as `eval_{task}_accuracy`, each process scoring its shard of the instances."""
+        trainer, cfg = self.trainer, self.trainer.cfg
+        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        shard = self.eval_instances[rank::world]
+        names = sorted({instance.name for instance in self.eval_instances})
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        accuracy = greedy_accuracy(model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size)
+        sizes = [sum(instance.name == name for instance in shard) for name in names]
+        correct_and_total = torch.tensor(
+            [[accuracy.get(name, 0.0) * size, size] for name, size in zip(names, sizes, strict=True)],
+            dtype=torch.float64,
+            device=trainer.accelerator.device,
+        )
+        totals = trainer.accelerator.reduce(correct_and_total, reduction="sum").tolist()
+        return {f"eval_{name}_accuracy": correct / max(n, 1) for name, (correct, n) in zip(names, totals, strict=True)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.is_main:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.resume:
+                truncate_after(self.log_path, state.global_step)
+            elif self.log_path.exists():
+                self.log_path.unlink()  # a fresh run of the same name starts a fresh log
+        if state.global_step == 0 and self.eval_instances:
+            self.eval_before = self.evaluate()
+            if self.is_main:
+                append_row(self.log_path, {"step": 0, **self.eval_before})
+                tqdm.write(_format_eval(0, self.eval_before))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.trainer.cfg.eval_every
+        if self.eval_instances and (state.global_step == state.max_steps or (every and state.global_step % every == 0)):
+            self.pending_eval = self.evaluate()
+            self.eval_after = self.pending_eval
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs or "loss" not in logs:
+            return
+        row = {**to_row(state.global_step, logs), **self.pending_eval}
+        self.pending_eval = {}
+        append_row(self.log_path, row)
+        tqdm.write(
+            f"step {row['step']:>5}  reward {row.get('reward_mean', float('nan')):.3f}  loss {row['loss']:+.4f}  "
+            f"{row.get('step_time_s', float('nan')):.2f}s"
+            + (f"  | {_format_eval(row['step'], row)}" if any(k.startswith("eval_") for k in row) else "")
+        )
+
+    def summary(self, model_dir: Path | None) -> RunSummary:
+        rows = read_rows(self.log_path) if self.log_path.exists() else []
+        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
+        cfg = self.trainer.cfg
+        return RunSummary(
+            run_name=cfg.run_name,
+            log_path=self.log_path,
+            config_path=self.log_path.with_name(f"{cfg.run_name}-config.json"),
+            model_dir=model_dir,
+            eval_before=_strip_eval(self.eval_before),
+            eval_after=_strip_eval(self.eval_after),
+            reward_first=sum(rewards[:10]) / len(rewards[:10]) if rewards else None,
+            reward_last=sum(rewards[-10:]) / len(rewards[-10:]) if rewards else None,
+            final_metrics=rows[-1] if rows else {},
+        )
+
+
+def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:
+    return {key.removeprefix("eval_").removesuffix("_accuracy"): value for key, value in metrics.items()}
+
+
+def _format_eval(step: int, metrics: dict[str, Any]) -> str:
+    return f"eval @ {step}: " + ", ".join(
+        f"{key.removeprefix('eval_')} {value:.1%}" for key, value in metrics.items() if key.startswith("eval_")
+    )

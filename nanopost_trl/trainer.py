@@ -1,0 +1,312 @@
+"""The adapter: nanopost_trl's four types on TRL's GRPOTrainer, and the public `Trainer`.
+
+Read top to bottom:
+1. `RewardAdapter` turns a `RewardFn` over `TaskInstance`s into a TRL reward function (dataset rows carry an index).
+2. `NanopostGRPOTrainer` subclasses `GRPOTrainer` at three hooks: `_calculate_rewards` (keep the gathered rewards),
+   `_generate_and_score_completions` (advantages from the loss's estimator over whole groups), and `_compute_loss`
+   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does).
+3. `Trainer(cfg).run(loss_fn, tasks)` loads the model, builds the dataset, trains, evaluates, and returns a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_callback import ProgressCallback
+from trl import GRPOTrainer
+
+from nanopost_trl import base, rewards
+from nanopost_trl.config import TrainConfig, output_paths, resolve_model_path, to_grpo_config
+from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, write_run_config
+from nanopost_trl.tasks import resolve_tasks
+
+REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
+
+
+class RewardAdapter:
+    """A TRL reward function (`f(prompts, completions, instance_id, **kwargs)`) around a nanopost `RewardFn`.
+
+    A grader that raises, or a score that is NaN/inf/not a number, scores 0.0 and is counted in `errors`.
+    """
+
+    def __init__(self, reward_fn: Callable, instances: Sequence[base.TaskInstance]) -> None:
+        check_reward_fn_signature(reward_fn)
+        self.reward_fn = reward_fn
+        self.instances = instances
+        self.__name__ = getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", type(reward_fn).__name__)
+        self.errors = 0
+
+    def __call__(self, prompts: list, completions: list, instance_id: list[int], **kwargs: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        batch = [self.instances[i] for i in instance_id]
+        try:
+            scores = list(self.reward_fn(texts, batch))
+        except Exception as error:  # a crashed reward never kills the run
+            warnings.warn(f"reward {self.__name__!r} raised {error!r}; scoring this batch 0", stacklevel=2)
+            scores = [math.nan] * len(texts)
+        if len(scores) != len(texts):
+            raise ValueError(f"reward {self.__name__!r} returned {len(scores)} scores for {len(texts)} completions")
+        cleaned = [to_finite_score(score) for score in scores]
+        self.errors += sum(score is None for score in cleaned)
+        return [0.0 if score is None else score for score in cleaned]
+
+
+def to_finite_score(score: Any) -> float | None:
+    """The score as a float, or None if it is not a finite number."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_reward_fn_signature(reward_fn: Callable) -> None:
+    """Fail at start-up, not mid-run, when a reward function cannot be called as `reward_fn(completions, instances)`."""
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as {REWARD_FN_SIGNATURE}; got {reward_fn!r}")
+    try:
+        inspect.signature(reward_fn).bind([], [])
+    except TypeError as error:
+        raise TypeError(
+            f"reward_fn {reward_fn!r} has the wrong signature ({error}); expected {REWARD_FN_SIGNATURE}"
+        ) from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+
+
+class NanopostGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose loss and advantage estimator come from a `LossFn`."""
+
+    def __init__(
+        self, *args: Any, loss_fn: base.LossFn, instances: Sequence[base.TaskInstance], cfg: TrainConfig, **kwargs: Any
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.instances = instances
+        self.cfg = cfg
+        self._gathered_rewards: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    # --- rewards: keep the gathered per-function rewards; log errors and per-task means
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gathered_rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+        mode = "train" if self.model.training else "eval"
+        local_counts = torch.tensor(
+            [sum(func.errors for func in self.reward_funcs), rewards.grader_stats["timeouts"]],
+            dtype=torch.float32,
+            device=self.accelerator.device,
+        )
+        for func in self.reward_funcs:
+            func.errors = 0
+        rewards.grader_stats.clear()
+        errors, timeouts = self.accelerator.reduce(local_counts, reduction="sum").tolist()
+        self._metrics[mode]["reward_errors"].append(errors)
+        self._metrics[mode]["reward_timeouts"].append(timeouts)
+        task_names = [self.instances[i].name for i in gather_object([x["instance_id"] for x in inputs])]
+        for task in sorted(set(task_names)):
+            rows = torch.tensor([name == task for name in task_names], device=self._gathered_rewards.device)
+            self._metrics[mode][f"task_{task}_reward_mean"].append(self._gathered_rewards[rows].mean().item())
+        return rewards_per_func
+
+    # --- advantages: the loss's estimator over whole groups, before the batch is split across processes
+    def _generate_and_score_completions(self, inputs):
+        start = time.perf_counter()
+        output = super()._generate_and_score_completions(inputs)
+        group_rewards = self._gathered_rewards.view(-1, self.num_generations)
+        advantages = self.loss_fn.advantages(group_rewards).reshape(-1)
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        output["advantages"] = advantages[local]
+        output["rewards"] = self._gathered_rewards[local]
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["generation_time_s"].append(time.perf_counter() - start)
+        return output
+
+    # --- loss: a LearnerBatch from TRL's tensors, then the LossFn
+    def _compute_loss(self, model, inputs):
+        prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        policy_logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
+        )
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        rollout_logprobs = inputs.get("old_per_token_logps")
+        batch = base.LearnerBatch(
+            policy_logprobs=policy_logprobs,
+            rollout_logprobs=policy_logprobs.detach() if rollout_logprobs is None else rollout_logprobs,
+            reference_logprobs=inputs.get("ref_per_token_logps"),
+            advantages=inputs["advantages"].unsqueeze(1),
+            rewards=inputs["rewards"],
+            loss_mask=torch.cat([prompt_mask[:, -1:], mask], dim=1).to(policy_logprobs.dtype),
+        )
+        loss, metrics = self.loss_fn(batch)
+        loss = self._checked_loss(loss, policy_logprobs)
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][f"loss_{name}"].append(float(value))
+        valid = mask.sum().clamp(min=1)
+        self._metrics[mode]["entropy"].append(((entropies * mask).sum() / valid).item())
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss / normalizer
+
+    def _checked_loss(self, loss: Any, policy_logprobs: torch.Tensor) -> torch.Tensor:
+        """The loss if it is a finite scalar tensor with grad; else a clear error (or a skipped step)."""
+        name, step = type(self.loss_fn).__name__, self.state.global_step + 1
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"{name} must return a scalar loss tensor, got {shape} at step {step}")
+        if not loss.requires_grad:
+            raise ValueError(f"{name} returned a loss without grad at step {step}: build it from batch.policy_logprobs")
+        if not torch.isfinite(loss):
+            if not self.cfg.skip_nonfinite:
+                raise FloatingPointError(
+                    f"{name} returned a non-finite loss ({loss.item()}) at step {step}; "
+                    "set skip_nonfinite=True to skip such steps"
+                )
+            self._metrics["train"]["nonfinite_skipped"].append(1.0)
+            return policy_logprobs.sum() * 0.0
+        return loss.reshape(())
+
+
+def fill_from_config(loss_fn: base.LossFn, cfg: TrainConfig) -> base.LossFn:
+    """Replace a dataclass loss's None fields by the same-named TrainConfig fields (kl_coef, max_new_tokens, ...)."""
+    if not dataclasses.is_dataclass(loss_fn):
+        return loss_fn
+    fills = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(loss_fn)
+        if getattr(loss_fn, f.name) is None and hasattr(cfg, f.name)
+    }
+    return dataclasses.replace(loss_fn, **fills) if fills else loss_fn
+
+
+def build_dataset(instances: Sequence[base.TaskInstance]) -> Dataset:
+    """Prompts plus an index into `instances`; TaskInstances (with their graders) cannot live in Arrow."""
+    kinds = {type(instance.prompt) for instance in instances}
+    if len(kinds) != 1 or not kinds <= {str, list}:
+        raise TypeError(
+            f"task prompts must all be str or all chat-message lists, got {sorted(k.__name__ for k in kinds)}"
+        )
+    return Dataset.from_dict({"prompt": [i.prompt for i in instances], "instance_id": list(range(len(instances)))})
+
+
+def eval_subset(instances: Sequence[base.TaskInstance], size: int) -> list[base.TaskInstance]:
+    """The first `size` instances of each task (held-out splits are already shuffled by their seed)."""
+    taken: dict[str, int] = {}
+    subset = []
+    for instance in instances:
+        if taken.get(instance.name, 0) < size:
+            taken[instance.name] = taken.get(instance.name, 0) + 1
+            subset.append(instance)
+    return subset
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    path = resolve_model_path(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def lora_config(cfg: TrainConfig):
+    if cfg.lora_r == 0:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+
+
+class Trainer:
+    """`Trainer(cfg).run(loss_fn=Loss.DG.make(), tasks="gsm8k")`: one RL post-training run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def run(
+        self,
+        loss_fn: base.LossFn | None = None,
+        tasks: str | Sequence[str] | Sequence[base.TaskInstance] = "addition",
+        reward_fn: Callable | None = None,
+        eval_tasks: str | Sequence[str] | Sequence[base.TaskInstance] | None = None,
+        resume: str | bool | None = None,
+    ) -> RunSummary:
+        """Train with `loss_fn` (default GRPO) on `tasks`, scored by `reward_fn` (default: each task's eval_fn).
+
+        Held-out eval uses the tasks' test splits, or `eval_tasks` when given. `resume` = True (latest checkpoint of
+        this run) or a checkpoint path.
+        """
+        cfg = self.cfg
+        if not isinstance(loss_fn, base.LossFn | type(None)):
+            raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
+        loss_fn = fill_from_config(loss_fn or GRPOLoss(), cfg)
+        if cfg.run_name is None:
+            task_label = tasks if isinstance(tasks, str) else "custom"
+            cfg = self.cfg = dataclasses.replace(
+                cfg,
+                run_name=f"{type(loss_fn).__name__.removesuffix('Loss').lower()}-{task_label}-s{cfg.seed}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}",
+            )
+        set_seed(cfg.seed)
+        train_instances = resolve_tasks(tasks, "train", cfg.data_dir)
+        eval_instances = eval_subset(resolve_tasks(eval_tasks or tasks, "test", cfg.data_dir), cfg.eval_size)
+        components = reward_components(reward_fn)
+        model, tokenizer = load_model_and_tokenizer(cfg)
+        paths = output_paths(cfg)
+        trainer = NanopostGRPOTrainer(
+            model=model,
+            reward_funcs=[RewardAdapter(fn, train_instances) for fn, _ in components],
+            args=to_grpo_config(
+                cfg,
+                num_processes=PartialState().num_processes,
+                uses_reference=loss_fn.uses_reference,
+                reward_weights=[weight for _, weight in components],
+            ),
+            train_dataset=build_dataset(train_instances),
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
+            loss_fn=loss_fn,
+            instances=train_instances,
+            cfg=cfg,
+        )
+        logger = RunLogger(trainer, paths["log"], eval_instances, resume=bool(resume))
+        trainer.add_callback(logger)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(QuietProgressCallback)
+        if trainer.accelerator.is_main_process:
+            write_run_config(paths["config"], cfg, loss_fn, tasks)
+        trainer.train(resume_from_checkpoint=resume or None)
+        model_dir = None
+        if cfg.save_final_model:
+            model_dir = paths["checkpoints"] / "final"
+            trainer.save_model(str(model_dir))
+        return logger.summary(model_dir)
+
+
+def reward_components(reward_fn: Callable | None) -> list[tuple[Callable, float]]:
+    """A `rewards.Combined` splits into its weighted components (each logged by TRL); else one component."""
+    if reward_fn is None:
+        return [(rewards.Correctness(), 1.0)]
+    if isinstance(reward_fn, rewards.Combined):
+        return list(reward_fn.components)
+    return [(reward_fn, 1.0)]

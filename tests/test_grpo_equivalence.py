@@ -1,0 +1,110 @@
+"""GRPOLoss through the adapter gives the same parameter gradients as TRL's own GRPOTrainer loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from nanopost_trl.config import TrainConfig
+from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.tasks import resolve_tasks
+from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+
+MAX_NEW_TOKENS = 6
+KL_COEF = 0.1
+
+
+def completion_length_reward(completions, **kwargs):
+    """A reward with spread inside each group, so advantages are non-zero."""
+    return [len(c[-1]["content"]) / MAX_NEW_TOKENS for c in completions]
+
+
+def grpo_args(tmp_path, loss_type: str, kl_ratio_correction: bool) -> GRPOConfig:
+    return GRPOConfig(
+        output_dir=str(tmp_path / loss_type),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=MAX_NEW_TOKENS,
+        beta=KL_COEF,
+        loss_type=loss_type,
+        epsilon=0.2,
+        report_to="none",
+        max_steps=1,
+        seed=0,
+        bf16=False,
+        activation_checkpointing=False,
+        use_bias_correction_kl=kl_ratio_correction,
+    )
+
+
+def parameter_grads(trainer: GRPOTrainer, inputs: dict) -> dict[str, torch.Tensor]:
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 2  # the accumulation scaling must match too
+    trainer._compute_loss(trainer.model, inputs).backward()
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kl_ratio_correction", [False, True])
+@pytest.mark.parametrize(
+    ("loss_type", "aggregation"), [("grpo", "seq_mean"), ("bnpo", "token_mean"), ("dr_grpo", "constant")]
+)
+def test_gradients_equal_trl(tmp_path, tokenizer, random_model_dir, loss_type, aggregation, kl_ratio_correction):
+    instances = resolve_tasks("addition", "train")[:16]
+    dataset = build_dataset(instances)
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir)
+    trl_trainer = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=completion_length_reward,
+        args=grpo_args(tmp_path, loss_type, kl_ratio_correction),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    ours = NanopostGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
+        args=grpo_args(tmp_path, "grpo", kl_ratio_correction),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        loss_fn=GRPOLoss(
+            kl_coef=KL_COEF,
+            aggregation=aggregation,
+            max_new_tokens=MAX_NEW_TOKENS,
+            kl_ratio_correction=kl_ratio_correction,
+        ),
+        instances=instances,
+        cfg=TrainConfig(),
+    )
+    trl_trainer.model.train()
+    ours.model.train()
+
+    torch.manual_seed(1)
+    rows = [dataset[i] for i in range(2) for _ in range(4)]  # 2 prompts x 4 generations, as TRL's sampler repeats
+    inputs = trl_trainer._generate_and_score_completions(rows)
+    mask = inputs["completion_mask"].bool()
+    assert inputs["advantages"].abs().sum() > 0
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        noise = torch.randn(inputs["completion_ids"].shape, generator=generator)
+        current, _, _ = trl_trainer._get_per_token_logps_and_entropies(
+            trl_trainer.model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            inputs["completion_ids"].size(1),
+        )
+    inputs["old_per_token_logps"] = current + 0.5 * noise  # stale rollout: ratios far from 1, clipping active
+    inputs["ref_per_token_logps"] = current + 0.3 * torch.randn(current.shape, generator=generator)
+    inputs["rewards"] = torch.zeros(len(rows))
+    ratio = torch.exp(current - inputs["old_per_token_logps"])[mask]
+    assert ((ratio < 0.8) | (ratio > 1.2)).float().mean() > 0.2
+
+    expected = parameter_grads(trl_trainer, inputs)
+    actual = parameter_grads(ours, inputs)
+    assert expected.keys() == actual.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert ours._metrics["train"]["loss_clipfrac"][-1] > 0.05
+    assert ours._metrics["train"]["loss_kl_ref"][-1] > 0
