@@ -234,10 +234,10 @@ class Preset(enum.Enum):
 
     @classmethod
     def from_name(cls, name: str) -> Preset:
-        try:
-            return cls[name.upper()]
-        except KeyError:
-            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(p.name for p in cls)}") from None
+        by_name = {preset.name.lower(): preset for preset in cls}
+        if name.lower() not in by_name:
+            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(p.name for p in cls)}")
+        return by_name[name.lower()]
 
 
 def output_paths(cfg: TrainConfig) -> dict[str, Path]:

@@ -86,7 +86,7 @@ def to_row(step: int, logs: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"step": step}
     for key, value in logs.items():
         if key not in DROPPED_KEYS and value is not None:
-            row[RENAMED_KEYS.get(key, key.replace("/", "_"))] = value
+            row[RENAMED_KEYS.get(key, key.replace("rewards/", "reward_").replace("/", "_"))] = value
     if "step_time_s" in row and "generation_time_s" in row:
         row["learning_time_s"] = row["step_time_s"] - row["generation_time_s"]
     return row

@@ -6,7 +6,11 @@ import enum
 from typing import Any
 
 from nanopost_trl import base
+from nanopost_trl.losses.dg import DGLoss
 from nanopost_trl.losses.grpo import GRPOLoss
+from nanopost_trl.losses.kondo import KondoLoss
+from nanopost_trl.losses.maxrl import MaxRLLoss
+from nanopost_trl.losses.pmpo import PMPOLoss
 from nanopost_trl.utils import make_dataclass
 
 
@@ -14,6 +18,10 @@ class Loss(enum.Enum):
     """Registry of built-in losses; `Loss.GRPO.make(**overrides)` returns a configured instance."""
 
     GRPO = GRPOLoss
+    DG = DGLoss
+    KONDO = KondoLoss
+    PMPO = PMPOLoss
+    MAXRL = MaxRLLoss
 
     def make(self, **overrides: Any) -> base.LossFn:
         return make_dataclass(self.value, overrides)
@@ -27,4 +35,4 @@ class Loss(enum.Enum):
             raise ValueError(f"unknown loss {name!r}; valid: {', '.join(m.name.lower() for m in cls)}") from None
 
 
-__all__ = ["GRPOLoss", "Loss"]
+__all__ = ["DGLoss", "GRPOLoss", "KondoLoss", "Loss", "MaxRLLoss", "PMPOLoss"]

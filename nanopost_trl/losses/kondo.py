@@ -1,0 +1,59 @@
+"""Kondo: keep only the tokens whose delight is worth a backward pass; the rest get no gradient at all.
+
+Osband 2026, "Does This Gradient Spark Joy?" (arXiv 2603.20526). The Kondo gate compares delight with a compute
+price lambda and pays for a backward pass only when the sample is worth it:
+
+    chi_t = A * (-log pi_theta(a_t))                G_t ~ Bernoulli(sigmoid((chi_t - lambda) / eta))
+    g = sum_t G_t A grad log pi_theta(a_t)
+
+Here the "binary top-k" form (eta -> 0, hard threshold): lambda is set so that the round(keep_frac * n) valid tokens
+of highest delight pass (G = 1) and the others do not (G = 0), G detached. per_token = -G A logp (+ kl_coef * kl),
+normalised over valid tokens by default (`aggregation="token_mean"`). keep_frac = 1 is plain advantage-weighted PG.
+
+Checked against the paper's abstract (the stored copy we could read shows no equation numbers, so none is quoted).
+Differences: kept tokens get the plain weight A (as losses.md; the abstract does not say whether the paper also
+applies DG's sigmoid weight); the gate is per token, not per sample; the price is a per-batch quantile (a keep
+fraction), not a fixed lambda, and ties at it are broken arbitrarily by `topk`; the KL term is gated with the PG term,
+so that a row whose tokens are all gated off contributes nothing and needs no backward pass (`gate` finds those rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from nanopost_trl import base
+from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_mean
+
+
+@dataclasses.dataclass
+class KondoLoss(base.LossFn):
+    keep_frac: float = 0.1  # fraction of valid tokens that pay for a backward pass
+    kl_coef: float | None = None  # None: TrainConfig.kl_coef
+    aggregation: Literal["seq_mean", "token_mean", "constant"] = "token_mean"
+    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
+
+    def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
+        """The (B, T) 0/1 gate, detached: 1 on the round(keep_frac * n_valid) valid tokens of highest delight."""
+        valid = batch.mask.bool()
+        chi = delight(batch).masked_fill(~valid, -torch.inf).flatten()
+        kept = torch.zeros_like(chi)
+        kept[chi.topk(round(self.keep_frac * int(valid.sum()))).indices] = 1.0
+        return kept.view_as(batch.mask)
+
+    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
+        mask, gate = batch.mask, self.gate(batch)
+        per_token = -batch.advantages * batch.policy_logprobs
+        rows = mask.sum(-1) > 0
+        metrics = {
+            "kept_frac": masked_mean(gate, mask),
+            "backward_skipped_frac": ((gate.sum(-1) == 0) & rows).sum().item() / max(int(rows.sum()), 1),
+            "delight_mean": masked_mean(delight(batch), mask),
+        }
+        if self.kl_coef:
+            kl = kl_to_reference(batch)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl_ref"] = masked_mean(kl, mask)
+        return aggregate(gate * per_token, mask, self.aggregation, self.max_new_tokens), metrics

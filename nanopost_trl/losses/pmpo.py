@@ -1,0 +1,59 @@
+"""PMPO: maximise the likelihood of accepted completions, minimise that of rejected ones, anchored to the reference.
+
+Abdolmaleki et al. 2024, "Preference Optimization as Probabilistic Inference" (arXiv 2410.04166; v3 retitled
+"Learning from negative feedback, or positive feedback or both"), eq. (10):
+
+    J(theta) = alpha E_{y ~ D_a}[log pi_theta(y|x)] - (1 - alpha) E_{y ~ D_r}[log pi_theta(y|x)]
+               - beta KL(pi_ref(.|x) || pi_theta(.|x))
+
+Labels come from the `advantages` hook: +1 accepted, -1 rejected, 0 neither. With `threshold=None` a completion is
+accepted if its reward is above its group's mean and rejected if below (a group where every reward is equal gives no
+signal, as in GRPO); with a float, accepted iff r >= threshold and rejected otherwise (threshold=1.0 for exact-match
+rewards: every failure is a negative, even in an all-fail group). For binary rewards both agree on mixed groups.
+So per_token = -(alpha [A > 0] - (1 - alpha) [A < 0]) logp + kl_coef * kl, and `aggregation="constant"` makes the
+batch sum of token log-probs the sequence log-likelihood log pi(y|x), up to the constant 1 / (B * max_new_tokens).
+
+Differences: E_{D_a} and E_{D_r} share the batch normaliser instead of dividing by |D_a| and |D_r| separately (the same
+up to a constant when |D_a| = |D_r|). The KL is the k3
+term of GRPO: its value estimates KL(pi_theta || pi_ref), but its gradient through logp, on samples from pi_theta,
+is an unbiased estimate of grad KL(pi_ref || pi_theta), the paper's direction. The paper requires beta > 0 when
+learning from negatives; kl_coef = 0 is allowed but may collapse the policy. The equation number is as cited by a
+summary of v3; the stored copy we could read stops at the abstract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from nanopost_trl import base
+from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
+
+
+@dataclasses.dataclass
+class PMPOLoss(base.LossFn):
+    alpha: float = 0.5  # weight on accepted samples; 1 - alpha on rejected ones
+    threshold: float | None = None  # None: accept above the group mean; a float: accept iff reward >= threshold
+    kl_coef: float | None = None  # None: TrainConfig.kl_coef
+    aggregation: Literal["seq_mean", "token_mean", "constant"] = "constant"
+    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(G, K) rewards -> (G, K) labels: +1 accepted, -1 rejected, 0 neither."""
+        if self.threshold is None:
+            mean = rewards.mean(dim=-1, keepdim=True)
+            return torch.sign(rewards - mean) * ~torch.isclose(rewards, mean)  # ties (to rounding): 0
+        return torch.where(rewards >= self.threshold, 1.0, -1.0).to(rewards.dtype)
+
+    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
+        mask, logp = batch.mask, batch.policy_logprobs
+        accepted, rejected = (batch.advantages > 0).type_as(logp), (batch.advantages < 0).type_as(logp)
+        per_token = -(self.alpha * accepted - (1 - self.alpha) * rejected) * logp
+        metrics = {"accepted_frac": accepted.mean().item(), "rejected_frac": rejected.mean().item()}
+        if self.kl_coef:
+            kl = kl_to_reference(batch)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl_ref"] = masked_mean(kl, mask)
+        return aggregate(per_token, mask, self.aggregation, self.max_new_tokens), metrics

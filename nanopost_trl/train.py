@@ -1,0 +1,113 @@
+"""Command line: `python -m nanopost_trl.train --preset NAME --loss dg --tasks gsm8k [--num_steps 10 ...]`.
+
+Every TrainConfig field is a flag; the preset supplies defaults, `--config run.yaml` overrides them, flags override
+both. The same command runs under `accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nanopost_trl.train`.
+With no arguments it runs the embedded default (TINY_CPU, GRPO, addition) on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import field
+from typing import Any
+
+import yaml
+from trl import TrlParser
+
+from nanopost_trl.config import Preset, TrainConfig
+from nanopost_trl.losses import Loss
+from nanopost_trl.tasks import get_task_loader, task_names
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """What to run, beside the TrainConfig: the preset, the loss and its arguments, the tasks."""
+
+    preset: str = field(default="TINY_CPU", metadata={"help": f"One of: {', '.join(p.name for p in Preset)}."})
+    loss: str = field(default="grpo", metadata={"help": f"One of: {', '.join(m.name.lower() for m in Loss)}."})
+    loss_args: str = field(default="", metadata={"help": "Loss fields as 'eta=0.5,keep_frac=0.3'."})
+    tasks: str = field(default="addition", metadata={"help": "Comma-separated task names."})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."})
+    list: bool = field(default=False, metadata={"help": "Print presets, losses and tasks, then exit."})
+
+
+def parse_loss_args(text: str) -> dict[str, Any]:
+    """'eta=0.5,aggregation=token_mean' -> {'eta': 0.5, 'aggregation': 'token_mean'} (Python literals, else strings)."""
+    parsed = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--loss_args item {item!r} is not key=value")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def preset_name(argv: Sequence[str]) -> str:
+    """The preset named on the command line, else in the --config YAML, else TINY_CPU."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset:
+        return known.preset
+    if known.config:
+        with open(known.config) as f:
+            return (yaml.safe_load(f) or {}).get("preset", "TINY_CPU")
+    return "TINY_CPU"
+
+
+def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
+    parser = TrlParser((TrainConfig, RunArgs), description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    try:
+        preset = Preset.from_name(preset_name(argv))
+    except ValueError as error:
+        parser.error(str(error))
+    parser.set_defaults_with_config(**preset.value)
+    cfg, run_args = parser.parse_args_and_config(list(argv))
+    return cfg, run_args, parser
+
+
+def listing() -> str:
+    presets = "\n".join(
+        f"  {p.name:<22} {p.value['model']}  steps={p.value['num_steps']} "
+        f"prompts={p.value['prompts_per_step']}x{p.value['responses_per_prompt']} "
+        f"max_new_tokens={p.value['max_new_tokens']}"
+        for p in Preset
+    )
+    losses = "\n".join(f"  {m.name.lower():<8} {m.value.__name__}" for m in Loss)
+    return f"presets:\n{presets}\nlosses:\n{losses}\ntasks:\n  " + "\n  ".join(task_names())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, run_args, parser = parse(argv)
+    if run_args.list:
+        print(listing())
+        return
+    tasks = [name.strip() for name in run_args.tasks.split(",") if name.strip()]
+    try:
+        loss_fn = Loss.from_name(run_args.loss).make(**parse_loss_args(run_args.loss_args))
+        for name in tasks:
+            get_task_loader(name)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    resume = True if run_args.resume == "latest" else run_args.resume
+
+    from nanopost_trl.trainer import Trainer
+
+    summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(summary)
+
+
+if __name__ == "__main__":
+    main()
