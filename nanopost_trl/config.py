@@ -260,6 +260,7 @@ def to_grpo_config(
     TRL's `beta` only gates the reference model here (the loss owns its KL coefficient), so it is 1.0 when the loss
     reads reference log-probs and 0.0 (no reference model, no reference forward pass) otherwise.
     """
+    import torch
     from trl import GRPOConfig
 
     if cfg.completions_per_step % num_processes:
@@ -306,4 +307,5 @@ def to_grpo_config(
         hub_model_id=cfg.hub_model_id,
         hub_private_repo=cfg.hub_private,
         log_completions=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )

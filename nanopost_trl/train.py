@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import sys
 from collections.abc import Sequence
 from dataclasses import field
@@ -70,7 +71,17 @@ def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
     except ValueError as error:
         parser.error(str(error))
     parser.set_defaults_with_config(**preset.value)
-    cfg, run_args = parser.parse_args_and_config(list(argv))
+    try:
+        cfg, run_args, unknown = parser.parse_args_and_config(list(argv), return_remaining_strings=True)
+    except (ValueError, TypeError) as error:  # e.g. TrainConfig validation
+        parser.error(str(error))
+    flags = [option for action in parser._actions for option in action.option_strings]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=")[0], flags, n=1)
+            parser.error(f"unrecognized argument: {arg}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return cfg, run_args, parser
 
 

@@ -1,0 +1,159 @@
+"""End-to-end runs of the adapter on the embedded tiny model: the seed's SimplePG, outputs, hooks and bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from nanopost_trl import analysis, base
+from nanopost_trl.config import Preset
+from nanopost_trl.losses import GRPOLoss, Loss
+from nanopost_trl.trainer import Trainer
+from examples.simple_pg import SimplePG
+
+
+def smoke(tmp_path, **overrides):
+    return Preset.TINY_SMOKE.make(**{"out_dir": str(tmp_path), "run_name": "run", **overrides})
+
+
+@dataclasses.dataclass
+class Recording(base.LossFn):
+    """GRPO that keeps every LearnerBatch it sees (detached), to check what the adapter hands a loss."""
+
+    inner: base.LossFn = dataclasses.field(default_factory=lambda: GRPOLoss(kl_coef=0.0))
+    batches: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, batch):
+        self.batches.append(
+            {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        )
+        return self.inner(batch)
+
+    def advantages(self, rewards):
+        return self.inner.advantages(rewards)
+
+    @property
+    def uses_reference(self):
+        return self.inner.uses_reference
+
+
+def test_seed_simple_pg_runs_two_steps_unchanged(tmp_path):
+    summary = Trainer(smoke(tmp_path, kl_coef=0.0)).run(loss_fn=SimplePG(), tasks="addition")
+    rows = [json.loads(line) for line in summary.log_path.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert "eval_addition_accuracy" in rows[0] and "eval_addition_accuracy" in rows[-1]
+    for row in rows[1:]:
+        for column in ("reward_mean", "reward_std", "response_len_mean", "loss", "grad_norm", "lr"):
+            assert math.isfinite(row[column]), column
+        assert row["generation_time_s"] > 0 and row["learning_time_s"] >= 0
+        assert row["loss_kl"] >= 0  # SimplePG's own metric, prefixed
+    config = json.loads(summary.config_path.read_text())
+    assert config["loss"]["class"].endswith("SimplePG") and config["loss"]["args"] == {"kl_coef": 0.04}
+    assert config["config"]["num_steps"] == 2 and config["tasks"] == ["addition"]
+    assert {"torch", "trl", "transformers", "accelerate"} <= config["versions"].keys()
+    assert (summary.model_dir / "model.safetensors").exists()
+    assert "addition" in summary.eval_before and "addition" in summary.eval_after
+
+    frame = analysis.load(tmp_path)
+    assert list(frame["step"]) == [0, 1, 2] and set(frame["run_name"]) == {"run"}
+    assert (frame["num_steps"] == 2).all() and "loss_args.kl_coef" in frame.columns
+
+
+def test_learner_batch_shapes_and_reference_only_when_used(tmp_path):
+    with_kl = Recording(inner=SimplePG())
+    Trainer(smoke(tmp_path, run_name="kl")).run(loss_fn=with_kl, tasks="addition")
+    batch = with_kl.batches[0]
+    B, T = batch["policy_logprobs"].shape
+    assert batch["loss_mask"].shape == (B, T + 1) and (batch["loss_mask"][:, 0] == 1).all()
+    assert batch["advantages"].shape == (B, 1) and batch["rewards"].shape == (B,)
+    assert batch["reference_logprobs"] is not None and batch["reference_logprobs"].shape == (B, T)
+    torch.testing.assert_close(batch["rollout_logprobs"], batch["policy_logprobs"])  # on-policy
+
+    without_kl = Recording()
+    Trainer(smoke(tmp_path, run_name="nokl")).run(loss_fn=without_kl, tasks="addition")
+    assert all(b["reference_logprobs"] is None for b in without_kl.batches)
+
+
+def test_advantages_come_from_the_loss_estimator_over_whole_groups(tmp_path):
+    class RankAdvantages(Recording):
+        def advantages(self, rewards):
+            return torch.arange(rewards.shape[1], dtype=rewards.dtype).expand_as(rewards) + 10 * rewards
+
+    recording = RankAdvantages()
+    cfg = smoke(tmp_path, micro_batch_size=2)  # 8 completions in 4 micro-batches: groups must be split after
+    Trainer(cfg).run(loss_fn=recording, tasks="addition")
+    seen = [(adv.item(), reward.item()) for b in recording.batches for adv, reward in zip(b["advantages"][:, 0], b["rewards"])]
+    assert len(seen) == cfg.completions_per_step * cfg.num_steps
+    ranks = sorted(round(adv - 10 * reward) for adv, reward in seen)
+    assert ranks == sorted(list(range(cfg.responses_per_prompt)) * cfg.prompts_per_step * cfg.num_steps)
+
+
+def test_crashing_reward_scores_zero_and_is_counted(tmp_path):
+    def flaky(completions, instances):
+        if len(completions) > 0:
+            raise RuntimeError("grader bug")
+        return []
+
+    summary = Trainer(smoke(tmp_path)).run(tasks="addition", reward_fn=flaky)
+    rows = [json.loads(line) for line in summary.log_path.read_text().splitlines()][1:]
+    assert [row["reward_errors"] for row in rows] == [8.0, 8.0]
+    assert all(row["reward_mean"] == 0.0 for row in rows)
+
+
+def test_reward_fn_with_wrong_signature_fails_at_start(tmp_path):
+    with pytest.raises(TypeError, match=r"reward_fn\(completions: list\[str\], instances"):
+        Trainer(smoke(tmp_path)).run(tasks="addition", reward_fn=lambda completions: [0.0])
+
+
+@dataclasses.dataclass
+class BadLoss(base.LossFn):
+    kind: str = "vector"
+
+    def __call__(self, batch):
+        if self.kind == "vector":
+            return batch.policy_logprobs.sum(-1), {}
+        if self.kind == "nograd":
+            return torch.tensor(1.0), {}
+        return batch.policy_logprobs.sum() * math.nan, {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "message"),
+    [
+        ("vector", ValueError, r"BadLoss must return a scalar loss tensor, got \(8,\) at step 1"),
+        ("nograd", ValueError, r"BadLoss returned a loss without grad at step 1"),
+        ("nan", FloatingPointError, r"BadLoss returned a non-finite loss \(nan\) at step 1"),
+    ],
+)
+def test_bad_loss_output_names_the_loss_and_step(tmp_path, kind, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(smoke(tmp_path, micro_batch_size=8)).run(loss_fn=BadLoss(kind), tasks="addition")
+
+
+def test_skip_nonfinite_counts_skipped_steps(tmp_path):
+    summary = Trainer(smoke(tmp_path, skip_nonfinite=True)).run(loss_fn=BadLoss("nan"), tasks="addition")
+    rows = [json.loads(line) for line in summary.log_path.read_text().splitlines()][1:]
+    assert [row["nonfinite_skipped"] for row in rows] == [1.0, 1.0]
+    assert all(row["grad_norm"] == 0.0 for row in rows)
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'; valid: .*addition.*gsm8k"):
+        Trainer(smoke(tmp_path)).run(tasks="gsm9k")
+    with pytest.raises(ValueError, match="unknown preset 'QWEN'; valid: TINY_CPU"):
+        Preset.from_name("QWEN")
+    with pytest.raises(TypeError, match="did you mean 'learning_rate'"):
+        Preset.TINY_SMOKE.make(learning_rte=1e-3)
+    with pytest.raises(TypeError, match="loss_fn must be a nanopost_trl.base.LossFn"):
+        Trainer(smoke(tmp_path)).run(loss_fn=Loss.GRPO, tasks="addition")
+
+
+def test_loss_none_fields_filled_from_config(tmp_path):
+    summary = Trainer(smoke(tmp_path, kl_coef=0.25)).run(loss_fn=GRPOLoss(), tasks="addition")
+    args = json.loads(summary.config_path.read_text())["loss"]["args"]
+    assert args["kl_coef"] == 0.25 and args["max_new_tokens"] == 8
+    assert summary.final_metrics["loss_kl_ref"] >= 0  # the reference pass ran because kl_coef came from the config
