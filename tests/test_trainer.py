@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from examples.simple_pg import SimplePG
 from nanopost_trl import analysis, base
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
 from nanopost_trl.trainer import Trainer
-from examples.simple_pg import SimplePG
 
 
 def smoke(tmp_path, **overrides):
@@ -86,7 +86,11 @@ def test_advantages_come_from_the_loss_estimator_over_whole_groups(tmp_path):
     recording = RankAdvantages()
     cfg = smoke(tmp_path, micro_batch_size=2)  # 8 completions in 4 micro-batches: groups must be split after
     Trainer(cfg).run(loss_fn=recording, tasks="addition")
-    seen = [(adv.item(), reward.item()) for b in recording.batches for adv, reward in zip(b["advantages"][:, 0], b["rewards"])]
+    seen = [
+        (advantage.item(), reward.item())
+        for batch in recording.batches
+        for advantage, reward in zip(batch["advantages"][:, 0], batch["rewards"], strict=True)
+    ]
     assert len(seen) == cfg.completions_per_step * cfg.num_steps
     ranks = sorted(round(adv - 10 * reward) for adv, reward in seen)
     assert ranks == sorted(list(range(cfg.responses_per_prompt)) * cfg.prompts_per_step * cfg.num_steps)
