@@ -307,5 +307,6 @@ def to_grpo_config(
         hub_model_id=cfg.hub_model_id,
         hub_private_repo=cfg.hub_private,
         log_completions=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes torchrun/`accelerate launch --multi_gpu` use gloo on CPU
         dataloader_pin_memory=torch.cuda.is_available(),
     )

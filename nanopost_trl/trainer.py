@@ -10,6 +10,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -96,7 +97,15 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self.instances = instances
         self.cfg = cfg
         self._gathered_rewards: torch.Tensor | None = None
+        self._actor_params: list[torch.Tensor] = []  # the actor's copy of the trainable weights (sync_interval > 1)
+        self._actor_synced_at = 0
         super().__init__(*args, **kwargs)
+        if (
+            cfg.sync_interval > 1
+            and self.is_deepspeed_enabled
+            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        ):
+            raise ValueError("sync_interval > 1 keeps a full actor copy of the weights: not supported with ZeRO-3")
 
     # --- rewards: keep the gathered per-function rewards; log errors and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -120,17 +129,60 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self._metrics[mode][f"task_{task}_reward_mean"].append(self._gathered_rewards[rows].mean().item())
         return rewards_per_func
 
+    # --- actor / learner: the actor samples with weights re-copied from the learner every `sync_interval` steps
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _actor_weights(self):
+        """Run the block with the actor's weights in the model (a storage swap, no copy); learner's restored after."""
+        params = self._trainable_params()
+        for param, actor in zip(params, self._actor_params, strict=True):
+            param.data, actor.data = actor.data, param.data
+        try:
+            yield
+        finally:
+            for param, actor in zip(params, self._actor_params, strict=True):
+                param.data, actor.data = actor.data, param.data
+
+    def _actor_staleness(self) -> int:
+        """Re-copy the learner into the actor when due; return how many learner steps the actor is behind."""
+        step = self.state.global_step
+        if self.cfg.sync_interval > 1 and (not self._actor_params or step % self.cfg.sync_interval == 0):
+            self._actor_params = [p.detach().clone() for p in self._trainable_params()]
+            self._actor_synced_at = step
+        return step - self._actor_synced_at if self._actor_params else 0
+
+    def _rollout_logprobs(self, output: dict) -> torch.Tensor:
+        """Log-probs of the sampled completions under the model's current weights (the actor's, inside the swap)."""
+        with torch.no_grad():
+            logprobs, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
+                torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        return logprobs
+
     # --- advantages: the loss's estimator over whole groups, before the batch is split across processes
     def _generate_and_score_completions(self, inputs):
         start = time.perf_counter()
-        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        staleness = self._actor_staleness() if mode == "train" else 0
+        if staleness:
+            with self._actor_weights():
+                output = super()._generate_and_score_completions(inputs)
+                output["old_per_token_logps"] = self._rollout_logprobs(output)
+        else:
+            output = super()._generate_and_score_completions(inputs)
         group_rewards = self._gathered_rewards.view(-1, self.num_generations)
         advantages = self.loss_fn.advantages(group_rewards).reshape(-1)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         output["advantages"] = advantages[local]
         output["rewards"] = self._gathered_rewards[local]
-        mode = "train" if self.model.training else "eval"
         self._metrics[mode]["generation_time_s"].append(time.perf_counter() - start)
+        self._metrics[mode]["actor_staleness"].append(float(staleness))
         return output
 
     # --- loss: a LearnerBatch from TRL's tensors, then the LossFn
@@ -158,6 +210,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self._metrics[mode][f"loss_{name}"].append(float(value))
         valid = mask.sum().clamp(min=1)
         self._metrics[mode]["entropy"].append(((entropies * mask).sum() / valid).item())
+        gap = (policy_logprobs.detach() - batch.rollout_logprobs).abs()
+        self._metrics[mode]["rollout_logprob_gap"].append(((gap * mask).sum() / valid).item())
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss / normalizer
 
@@ -278,7 +332,7 @@ class Trainer:
             reward_funcs=[RewardAdapter(fn, train_instances) for fn, _ in components],
             args=to_grpo_config(
                 cfg,
-                num_processes=PartialState().num_processes,
+                num_processes=PartialState(cpu=not torch.cuda.is_available()).num_processes,
                 uses_reference=loss_fn.uses_reference,
                 reward_weights=[weight for _, weight in components],
             ),
