@@ -53,6 +53,14 @@ class LossFn(abc.ABC):
         (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`."""
         return group_normalized_advantages(rewards)
 
+    def backward_rows(self, batch: LearnerBatch) -> torch.Tensor | None:
+        """(B,) bool: the sequences that need a backward pass, decided from a detached batch; None (default) = all.
+
+        A gated loss returns False for the rows it gives no gradient; the adapter then runs the grad-carrying
+        forward and the backward on the other rows only (the loss still sees the whole batch, with equal values).
+        """
+        return None
+
     @property
     def uses_reference(self) -> bool:
         """Whether the loss reads `reference_logprobs`. The reference forward pass runs only if True.

@@ -145,6 +145,18 @@ class NanopostGRPOTrainer(GRPOTrainer):
             for param, actor in zip(params, self._actor_params, strict=True):
                 param.data, actor.data = actor.data, param.data
 
+    @contextlib.contextmanager
+    def _reference_on_device(self):
+        """With `offload_reference`, the reference model lives on CPU and visits the device for its log-prob pass."""
+        offload = self.cfg.offload_reference and self.ref_model is not None
+        if offload:
+            self.ref_model.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            if offload:
+                self.ref_model.to("cpu")
+
     def _actor_staleness(self) -> int:
         """Re-copy the learner into the actor when due; return how many learner steps the actor is behind."""
         step = self.state.global_step
@@ -170,12 +182,10 @@ class NanopostGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         mode = "train" if self.model.training else "eval"
         staleness = self._actor_staleness() if mode == "train" else 0
-        if staleness:
-            with self._actor_weights():
-                output = super()._generate_and_score_completions(inputs)
-                output["old_per_token_logps"] = self._rollout_logprobs(output)
-        else:
+        with self._reference_on_device(), self._actor_weights() if staleness else contextlib.nullcontext():
             output = super()._generate_and_score_completions(inputs)
+            if staleness:
+                output["old_per_token_logps"] = self._rollout_logprobs(output)
         group_rewards = self._gathered_rewards.view(-1, self.num_generations)
         advantages = self.loss_fn.advantages(group_rewards).reshape(-1)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
@@ -186,28 +196,56 @@ class NanopostGRPOTrainer(GRPOTrainer):
         return output
 
     # --- loss: a LearnerBatch from TRL's tensors, then the LossFn
-    def _compute_loss(self, model, inputs):
-        prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        policy_logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, inputs["completion_ids"].size(1), compute_entropy=True
-        )
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    def _learner_batch(self, inputs: dict, policy_logprobs: torch.Tensor) -> base.LearnerBatch:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # multi-turn tool calls: tool output tokens carry no loss
+            mask = mask * inputs["tool_mask"]
         rollout_logprobs = inputs.get("old_per_token_logps")
-        batch = base.LearnerBatch(
+        return base.LearnerBatch(
             policy_logprobs=policy_logprobs,
             rollout_logprobs=policy_logprobs.detach() if rollout_logprobs is None else rollout_logprobs,
             reference_logprobs=inputs.get("ref_per_token_logps"),
             advantages=inputs["advantages"].unsqueeze(1),
             rewards=inputs["rewards"],
-            loss_mask=torch.cat([prompt_mask[:, -1:], mask], dim=1).to(policy_logprobs.dtype),
+            loss_mask=torch.cat([inputs["prompt_mask"][:, -1:], mask], dim=1).to(policy_logprobs.dtype),
         )
+
+    def _policy_logprobs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy log-probs and entropies. If the loss names `backward_rows`, a no-grad pass decides them and only
+        those rows run the grad-carrying forward; the others keep their (equal) no-grad values."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+
+        def forward(rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logprobs, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids[rows], attention_mask[rows], inputs["completion_ids"].size(1), compute_entropy=True
+            )
+            return logprobs, entropies
+
+        if type(self.loss_fn).backward_rows is base.LossFn.backward_rows:
+            return forward(slice(None))
+        with torch.no_grad():
+            detached, entropies = forward(slice(None))
+        rows = self.loss_fn.backward_rows(self._learner_batch(inputs, detached))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["backward_rows_frac"].append(rows.float().mean().item())
+        policy_logprobs = detached.clone()
+        if rows.any():
+            with_grad, _ = forward(rows)
+            policy_logprobs[rows] = detached[rows] + (with_grad - with_grad.detach())  # no-grad values, live grads
+        return policy_logprobs, entropies
+
+    def _compute_loss(self, model, inputs):
+        policy_logprobs, entropies = self._policy_logprobs(model, inputs)
+        batch = self._learner_batch(inputs, policy_logprobs)
         loss, metrics = self.loss_fn(batch)
+        if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights
+            loss = loss.detach() + sum(p.sum() for p in self._trainable_params()) * 0.0
         loss = self._checked_loss(loss, policy_logprobs)
         mode = "train" if self.model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][f"loss_{name}"].append(float(value))
+        mask = batch.mask
         valid = mask.sum().clamp(min=1)
         self._metrics[mode]["entropy"].append(((entropies * mask).sum() / valid).item())
         gap = (policy_logprobs.detach() - batch.rollout_logprobs).abs()

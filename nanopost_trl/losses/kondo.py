@@ -43,6 +43,10 @@ class KondoLoss(base.LossFn):
         kept[chi.topk(round(self.keep_frac * int(valid.sum()))).indices] = 1.0
         return kept.view_as(batch.mask)
 
+    def backward_rows(self, batch: base.LearnerBatch) -> torch.Tensor:
+        """Sequences with at least one kept token; the others need no backward pass."""
+        return self.gate(batch).sum(-1) > 0
+
     def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
         mask, gate = batch.mask, self.gate(batch)
         per_token = -batch.advantages * batch.policy_logprobs

@@ -1,4 +1,4 @@
-"""GRPOLoss through the adapter gives the same parameter gradients as TRL's own GRPOTrainer loss."""
+"""Gradients through the adapter: GRPOLoss equals TRL's own GRPOTrainer loss; skipped backward rows change nothing."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
+from nanopost_trl import base
 from nanopost_trl.config import TrainConfig
-from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.losses import GRPOLoss, KondoLoss
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
 
@@ -108,3 +109,48 @@ def test_gradients_equal_trl(tmp_path, tokenizer, random_model_dir, loss_type, a
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
     assert ours._metrics["train"]["loss_clipfrac"][-1] > 0.05
     assert ours._metrics["train"]["loss_kl_ref"][-1] > 0
+
+
+class KondoWithoutSkipping(KondoLoss):
+    backward_rows = base.LossFn.backward_rows  # every row runs the grad-carrying forward and the backward
+
+
+def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, random_model_dir):
+    instances = resolve_tasks("addition", "train")[:16]
+    dataset = build_dataset(instances)
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir)
+    trainers = [
+        NanopostGRPOTrainer(
+            model=copy.deepcopy(model),
+            reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
+            args=grpo_args(tmp_path, "grpo", False),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            loss_fn=loss_cls(keep_frac=0.05, kl_coef=0.0),
+            instances=instances,
+            cfg=TrainConfig(),
+        )
+        for loss_cls in (KondoLoss, KondoWithoutSkipping)
+    ]
+    for trainer in trainers:
+        trainer.model.train()
+    torch.manual_seed(1)
+    rows = [dataset[i] for i in range(2) for _ in range(4)]
+    inputs = trainers[0]._generate_and_score_completions(rows)
+    inputs["advantages"] = torch.linspace(-1.5, 1.5, len(rows))
+    rows_in_grad_forward = []
+    hook = trainers[0].model.register_forward_hook(
+        lambda module, args, kwargs, output: (
+            rows_in_grad_forward.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None
+        ),
+        with_kwargs=True,
+    )
+    skipping = parameter_grads(trainers[0], inputs)
+    hook.remove()
+    full = parameter_grads(trainers[1], inputs)
+    assert 0 < rows_in_grad_forward[0] < len(rows)  # only the rows with a kept token ran forward + backward
+    assert trainers[0]._metrics["train"]["backward_rows_frac"][-1] == rows_in_grad_forward[0] / len(rows)
+    assert trainers[0]._metrics["train"]["loss_backward_skipped_frac"][-1] > 0
+    assert skipping.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(skipping[name], full[name], rtol=1e-5, atol=1e-7)
