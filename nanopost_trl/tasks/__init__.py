@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nanopost_trl.base import TaskInstance
+from nanopost_trl.tasks.custom import from_dataset as from_dataset  # re-exported: tasks from your own data
 
 
 class TaskLoader(Protocol):

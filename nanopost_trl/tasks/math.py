@@ -1,0 +1,41 @@
+"""MATH competition problems, graded for symbolic equivalence by math-verify (`pip install 'nanopost_trl[math]'`).
+
+Default source: the Hub dataset `DigitalLearningGmbH/MATH-lighteval` (train 7,500 / test 5,000; columns `problem`,
+`solution`, `level`, `type`). Offline: `data_dir=` or $NANOPOST_MATH_DIR names a directory in the Hub's layout
+(`train.jsonl`/`test.jsonl`, or `data/train-00000-of-00001.parquet`). The reference answer is the `answer` column
+when there is one (as in MATH-500), else the last `\\boxed{}` of `solution`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nanopost_trl.base import TaskInstance
+from nanopost_trl.tasks.custom import from_dataset, load_rows, require_columns
+from nanopost_trl.tasks.graders import boxed_prompt, last_boxed
+
+HUB_ID = "DigitalLearningGmbH/MATH-lighteval"
+ENV_VAR = "NANOPOST_MATH_DIR"
+SPLITS = ("train", "test")
+
+
+def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    answer = row.get("answer") or last_boxed(row.get("solution") or "")
+    if not answer:
+        raise ValueError(f"math row {index}: no 'answer' and no \\boxed{{}} in column 'solution'")
+    return {"prompt": boxed_prompt(row["problem"]) if row["problem"] else None, "final_answer": answer}
+
+
+def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
+    """MATH instances for "train" or "test", from `data_dir`, $NANOPOST_MATH_DIR or the Hub."""
+    if split not in SPLITS:
+        raise ValueError(f"math has splits {SPLITS}, not {split!r}")
+    local_dir = data_dir or os.environ.get(ENV_VAR)
+    source = Path(local_dir) if local_dir else HUB_ID
+    rows = load_rows(source, split)
+    answer_column = "answer" if "answer" in rows.column_names else "solution"
+    require_columns(rows, ("problem", answer_column), source)
+    rows = rows.map(_task_row, with_indices=True)
+    return from_dataset(rows, prompt_column="prompt", answer_column="final_answer", grader="math", name="math")
