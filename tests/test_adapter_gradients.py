@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 
 import pytest
 import torch
@@ -154,3 +156,53 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
     assert skipping.keys() == full.keys()
     for name in full:
         torch.testing.assert_close(skipping[name], full[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, KL_COEF])
+def test_no_more_forward_passes_than_trl(tmp_path, tokenizer, random_model_dir, kl_coef):
+    """Per step: the same generation, reference and policy forwards as TRL; no reference pass when kl_coef is 0."""
+    instances = resolve_tasks("addition", "train")[:16]
+    dataset = build_dataset(instances)
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir)
+    args = grpo_args(tmp_path, "grpo", False)
+    args.beta = kl_coef
+    trl_trainer = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=completion_length_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    ours = NanopostGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        loss_fn=GRPOLoss(kl_coef=kl_coef),
+        instances=instances,
+        cfg=TrainConfig(),
+    )
+    rows = [dataset[i] for i in range(2) for _ in range(4)]
+    counts = []
+    for trainer in (trl_trainer, ours):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        count: collections.Counter = collections.Counter()
+
+        def hook(*_, label, count=count):
+            count[f"{label} {'grad' if torch.is_grad_enabled() else 'no-grad'}"] += 1
+
+        models = {"policy": trainer.model, "reference": trainer.ref_model}
+        handles = [m.register_forward_hook(functools.partial(hook, label=k)) for k, m in models.items() if m]
+        torch.manual_seed(3)
+        inputs = trainer._generate_and_score_completions(rows)
+        inputs.setdefault("rewards", torch.zeros(len(rows)))
+        trainer._compute_loss(trainer.model, inputs).backward()
+        for handle in handles:
+            handle.remove()
+        counts.append(count)
+    assert counts[0] == counts[1]
+    assert counts[1]["policy grad"] == 1
+    assert counts[1].get("reference no-grad", 0) == (1 if kl_coef else 0)
+    assert (ours.ref_model is None) == (kl_coef == 0)
