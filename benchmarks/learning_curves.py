@@ -1,0 +1,103 @@
+"""Learning curves of every built-in loss on the embedded default (TINY_CPU, addition), several seeds each.
+
+Each run is the CLI in its own process (`python -m nanopost_trl.train --preset TINY_CPU --loss L --seed S`), `--jobs`
+at a time with the cores split between them. Writes a markdown table (held-out greedy accuracy before -> after, steps
+to +10 points, wall time; mean over seeds) to stdout and to `--table`, and a PNG of reward and eval accuracy vs step
+per loss (`--plot`).
+
+    python benchmarks/learning_curves.py --seeds 0 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from nanopost_trl import analysis
+from nanopost_trl.losses import Loss
+
+
+def run(loss: str, seed: int, out_dir: Path, threads: int, extra: list[str]) -> tuple[str, float]:
+    """One training run in a subprocess; returns (run_name, wall seconds)."""
+    run_name = f"{loss}-s{seed}"
+    command = [sys.executable, "-m", "nanopost_trl.train", "--preset", "TINY_CPU", "--loss", loss, "--seed", str(seed)]
+    command += ["--run_name", run_name, "--out_dir", str(out_dir), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return run_name, time.perf_counter() - start
+
+
+def steps_to_gain(run: pd.DataFrame, column: str, gain: float) -> float:
+    """First step whose held-out accuracy is `gain` above the step-0 value (NaN if never)."""
+    evals = run.dropna(subset=[column]).sort_values("step")
+    reached = evals[evals[column] >= evals[column].iloc[0] + gain]
+    return float(reached["step"].iloc[0]) if len(reached) else float("nan")
+
+
+def table(frame: pd.DataFrame, wall: dict[str, float], column: str) -> pd.DataFrame:
+    rows = []
+    for run_name, run in frame.groupby("run_name"):
+        evals = run.dropna(subset=[column]).sort_values("step")
+        rows.append(
+            {
+                "loss": run["loss_name"].iloc[0],
+                "seed": run["seed"].iloc[0],
+                "before": evals[column].iloc[0],
+                "after": evals[column].iloc[-1],
+                "best": evals[column].max(),
+                "steps_to_+10": steps_to_gain(run, column, 0.10),
+                "wall_s": wall.get(run_name, float("nan")),
+            }
+        )
+    per_run = pd.DataFrame(rows)
+    per_run["gain"] = per_run["after"] - per_run["before"]
+    grouped = per_run.groupby("loss", sort=False)
+    summary = grouped[["before", "after", "gain", "best", "wall_s"]].mean()
+    summary["gain_min"] = grouped["gain"].min()
+    summary["runs_reaching_+10"] = grouped["steps_to_+10"].apply(lambda s: f"{s.notna().sum()}/{len(s)}")
+    summary["median_steps_to_+10"] = grouped["steps_to_+10"].median()
+    return summary.reset_index()
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--losses", nargs="*", default=[m.name.lower() for m in Loss])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out_dir", type=Path, default=Path("benchmarks/out/learning_curves"))
+    parser.add_argument("--plot", type=Path, default=Path("benchmarks/learning_curves.png"))
+    parser.add_argument("--table", type=Path, default=Path("benchmarks/out/learning_curves.md"))
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more flags for every run, after --")
+    args = parser.parse_args()
+    extra = [flag for flag in args.extra if flag != "--"]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        wall = dict(pool.map(lambda job: run(*job, args.out_dir, threads, extra), jobs))
+    frame = analysis.load(args.out_dir)
+    frame = frame[frame["run_name"].isin(wall)]
+    column = "eval_addition_accuracy"
+    markdown = to_markdown(table(frame, wall, column))
+    print(markdown)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(markdown + "\n")
+    analysis.plot_curves(frame, args.plot, hue="loss_name")
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
