@@ -20,11 +20,14 @@ class SimplePG(base.LossFn):
     def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
         mask = batch.loss_mask[:, 1:]
         pg = -batch.policy_logprobs * batch.advantages
-        kl = torch.exp(batch.reference_logprobs - batch.policy_logprobs) \
-            - (batch.reference_logprobs - batch.policy_logprobs) - 1
+        kl = (
+            torch.exp(batch.reference_logprobs - batch.policy_logprobs)
+            - (batch.reference_logprobs - batch.policy_logprobs)
+            - 1
+        )
         total = pg + self.kl_coef * kl
         loss = ((total * mask).sum(dim=1) / mask.sum(dim=1)).mean()
-        return loss, {'kl': (kl * mask).sum().item() / mask.sum().item()}
+        return loss, {"kl": (kl * mask).sum().item() / mask.sum().item()}
 
 
 if __name__ == "__main__":

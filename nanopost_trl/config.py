@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for rollouts."})
     # --- actor / learner
     sync_interval: int = field(
-        default=1, metadata={"help": "Actor re-copies the learner's weights every N steps (1 = on-policy)."}
+        default=1,
+        metadata={
+            "help": "Actor re-copies the learner's weights every N steps (1 = on-policy). On resume the actor "
+            "re-copies the learner at the first step (checkpoints hold the learner only)."
+        },
     )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer passes over each generation batch (TRL's num_iterations)."}
@@ -259,9 +264,13 @@ def to_grpo_config(
     completions and back-propagates them `micro_batch_size` at a time (gradient accumulation covers the rest).
     TRL's `beta` only gates the reference model here (the loss owns its KL coefficient), so it is 1.0 when the loss
     reads reference log-probs and 0.0 (no reference model, no reference forward pass) otherwise.
+    With `wandb_log`, sets WANDB_PROJECT (read by transformers' WandbCallback) to `cfg.wandb_project`.
     """
     import torch
     from trl import GRPOConfig
+
+    if cfg.wandb_log:
+        os.environ["WANDB_PROJECT"] = cfg.wandb_project
 
     if cfg.completions_per_step % num_processes:
         raise ValueError(
@@ -303,9 +312,8 @@ def to_grpo_config(
         activation_checkpointing=cfg.gradient_checkpointing,
         use_vllm=cfg.use_vllm,
         vllm_mode="colocate",
-        push_to_hub=cfg.push_to_hub,
+        push_to_hub=False,  # `Trainer.run` pushes the final model/adapter with its card (nanopost_trl.hub), once
         hub_model_id=cfg.hub_model_id,
-        hub_private_repo=cfg.hub_private,
         log_completions=False,
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun/`accelerate launch --multi_gpu` use gloo on CPU
         dataloader_pin_memory=torch.cuda.is_available(),

@@ -163,6 +163,9 @@ class RunLogger(TrainerCallback):
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             if self.resume:
                 truncate_after(self.log_path, state.global_step)
+                first = read_rows(self.log_path)[:1]
+                if first and first[0]["step"] == 0:  # the start-of-run eval, for the summary's before -> after
+                    self.eval_before = {k: v for k, v in first[0].items() if k.startswith("eval_")}
             elif self.log_path.exists():
                 self.log_path.unlink()  # a fresh run of the same name starts a fresh log
         if state.global_step == 0 and self.eval_instances:

@@ -17,6 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from nanopost_trl import base, rewards
+from nanopost_trl import base, hub, rewards
 from nanopost_trl.config import TrainConfig, output_paths, resolve_model_path, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, write_run_config
@@ -387,12 +388,40 @@ class Trainer:
             trainer.add_callback(QuietProgressCallback)
         if trainer.accelerator.is_main_process:
             write_run_config(paths["config"], cfg, loss_fn, tasks)
-        trainer.train(resume_from_checkpoint=resume or None)
+        trainer.train(resume_from_checkpoint=latest_checkpoint(paths["checkpoints"]) if resume is True else resume)
+        self.grpo_trainer = trainer  # kept for inspection after the run (model, ref_model, state)
+        main = trainer.accelerator.is_main_process
+        if cfg.wandb_log and main:
+            import wandb
+
+            wandb.finish()  # one W&B run per Trainer.run, flushed (offline mode: the run directory is complete)
         model_dir = None
-        if cfg.save_final_model:
+        if cfg.save_final_model or cfg.push_to_hub:
             model_dir = paths["checkpoints"] / "final"
-            trainer.save_model(str(model_dir))
-        return logger.summary(model_dir)
+            trainer.save_model(str(model_dir))  # a LoRA run saves its adapter only (gathered under ZeRO-3)
+            if cfg.merge_adapter_on_save and cfg.lora_r and main:  # merge the saved adapter into a fresh base copy
+                from peft import PeftModel
+                from transformers.integrations import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()  # the training is over: a plain base copy, not a ZeRO-3-partitioned one
+                merged = PeftModel.from_pretrained(load_model_and_tokenizer(cfg)[0], model_dir).merge_and_unload()
+                for name in ("adapter_model.safetensors", "adapter_config.json"):
+                    (model_dir / name).unlink()
+                merged.save_pretrained(model_dir)
+        summary = logger.summary(model_dir)
+        if model_dir is not None and main:
+            hub.write_model_card(model_dir, paths["config"], summary)
+            if cfg.push_to_hub:
+                hub.push(model_dir, cfg.hub_model_id or cfg.run_name, private=cfg.hub_private)
+        return summary
+
+
+def latest_checkpoint(directory: Path) -> str:
+    """The newest complete `checkpoint-N` in `directory` (one killed mid-save has no trainer_state.json yet)."""
+    complete = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    if not complete:
+        raise FileNotFoundError(f"no complete checkpoint to resume from in {directory}")
+    return str(max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-"))))
 
 
 def reward_components(reward_fn: Callable | None) -> list[tuple[Callable, float]]:

@@ -12,6 +12,7 @@ from nanopost_trl.assets import TINY_MODEL_PATH
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and parallel test processes do not fight for cores
 
 
 @pytest.fixture(scope="session")

@@ -293,8 +293,14 @@ def batches(draw):
 def random_batch(logp, adv, lengths) -> LearnerBatch:
     mask = [[1.0] + [1.0 if t < n else 0.0 for t in range(len(logp[0]))] for n in lengths]
     logp_t = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
-    return LearnerBatch(logp_t, logp_t.detach(), None, torch.tensor(adv, dtype=torch.float64).unsqueeze(1),
-                        torch.zeros(len(adv), dtype=torch.float64), torch.tensor(mask, dtype=torch.float64))
+    return LearnerBatch(
+        logp_t,
+        logp_t.detach(),
+        None,
+        torch.tensor(adv, dtype=torch.float64).unsqueeze(1),
+        torch.zeros(len(adv), dtype=torch.float64),
+        torch.tensor(mask, dtype=torch.float64),
+    )
 
 
 def reinforce(logp, adv, lengths, aggregation: str) -> tuple[float, torch.Tensor]:

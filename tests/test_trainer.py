@@ -13,7 +13,7 @@ from examples.simple_pg import SimplePG
 from nanopost_trl import analysis, base
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
-from nanopost_trl.trainer import Trainer
+from nanopost_trl.trainer import Trainer, latest_checkpoint
 
 
 def smoke(tmp_path, **overrides):
@@ -161,3 +161,13 @@ def test_loss_none_fields_filled_from_config(tmp_path):
     args = json.loads(summary.config_path.read_text())["loss"]["args"]
     assert args["kl_coef"] == 0.25 and args["max_new_tokens"] == 8
     assert summary.final_metrics["loss_kl_ref"] >= 0  # the reference pass ran because kl_coef came from the config
+
+
+def test_resume_latest_skips_a_checkpoint_killed_mid_save(tmp_path):
+    for step, complete in ((3, True), (6, True), (9, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(tmp_path / "missing")

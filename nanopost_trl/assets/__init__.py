@@ -1,0 +1,5 @@
+"""Package data: the embedded tiny model, built by `scripts/pretrain_tiny.py`."""
+
+from pathlib import Path
+
+TINY_MODEL_PATH = Path(__file__).parent / "tiny"
