@@ -98,9 +98,8 @@ def one_step(trainer, cfg, step: int) -> float:
     rows = [dataset[(step * cfg.prompts_per_step + p) % len(dataset)] for p in range(cfg.prompts_per_step)]
     batch = [row for row in rows for _ in range(cfg.responses_per_prompt)]
     start = time.perf_counter()
-    for _ in range(trainer.args.gradient_accumulation_steps):
-        inputs = trainer._prepare_inputs(batch)
-        trainer.training_step(trainer.model, inputs, None)
+    for _ in range(trainer.args.gradient_accumulation_steps):  # training_step generates on its first micro-step
+        trainer.training_step(trainer.model, batch, None)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad()
     return time.perf_counter() - start

@@ -124,16 +124,17 @@ _QWEN_GPU = dict(bf16=True, gradient_checkpointing=True, learning_rate=1e-6, tem
 class Preset(enum.Enum):
     """Rough (model, batch sizes, max_new_tokens) starting points; `Preset.X.make(**overrides) -> TrainConfig`."""
 
-    TINY_CPU = dict(
+    TINY_CPU = dict(  # measured in benchmarks/RESULTS.md: lr >= 2e-4 collapses, 8 prompts per step does not learn
         model=TINY_MODEL,
         num_steps=200,
-        prompts_per_step=8,
+        prompts_per_step=32,
         responses_per_prompt=8,
-        micro_batch_size=64,
-        max_new_tokens=8,
+        micro_batch_size=128,
+        max_new_tokens=4,
         learning_rate=1e-4,
-        eval_every=25,
-        eval_size=300,
+        lr_schedule="constant",
+        eval_every=20,
+        eval_size=1000,
     )
     TINY_SMOKE = dict(
         model=TINY_MODEL,
