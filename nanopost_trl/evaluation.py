@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from nanopost_trl.base import Prompt, TaskInstance
+from nanopost_trl.rewards import safe_grade
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
@@ -52,7 +54,8 @@ def greedy_accuracy(
             )
             completions = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
             for instance, completion in zip(batch, completions, strict=True):
-                scores[instance.name].append(float(instance.eval_fn(completion)))
+                score = safe_grade(instance.eval_fn, completion)  # a grader that raises or hangs scores 0
+                scores[instance.name].append(0.0 if math.isnan(score) else score)
     finally:
         model.train(was_training)
     return {name: sum(values) / len(values) for name, values in scores.items()}
