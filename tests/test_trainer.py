@@ -171,3 +171,34 @@ def test_resume_latest_skips_a_checkpoint_killed_mid_save(tmp_path):
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         latest_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("loss", [member.name.lower() for member in Loss])
+def test_every_builtin_loss_trains_end_to_end(tmp_path, loss):
+    summary = Trainer(smoke(tmp_path, num_steps=3, kl_coef=0.05)).run(loss_fn=Loss.from_name(loss).make())
+    rows = [json.loads(line) for line in summary.log_path.read_text().splitlines()][1:]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        metrics = {k: v for k, v in row.items() if k.startswith("loss") or k == "grad_norm"}
+        assert "loss_kl_ref" in metrics and len(metrics) > 2
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_mixed_tasks_and_reward_components_are_logged_apart(tmp_path):
+    from nanopost_trl.rewards import Combined, Correctness, Format
+
+    reward = Combined([(Correctness(), 1.0), (Format(r"^\d+$", name="digits_only"), 0.5)])
+    cfg = smoke(tmp_path, prompts_per_step=4, num_steps=2)
+    summary = Trainer(cfg).run(tasks=["addition", "countdown"], reward_fn=reward)
+    row = summary.final_metrics
+    assert {"reward_correctness_mean", "reward_digits_only_mean"} <= row.keys()
+    assert row["reward_mean"] == pytest.approx(row["reward_correctness_mean"] + 0.5 * row["reward_digits_only_mean"])
+    assert {"eval_addition_accuracy", "eval_countdown_accuracy"} <= row.keys()
+    assert any(key.startswith("task_") and key.endswith("_reward_mean") for key in row)
+
+
+def test_offloaded_reference_stays_on_cpu_and_still_scores(tmp_path):
+    trainer = Trainer(smoke(tmp_path, offload_reference=True, kl_coef=0.1))
+    summary = trainer.run(loss_fn=GRPOLoss())
+    assert next(trainer.grpo_trainer.ref_model.parameters()).device.type == "cpu"
+    assert summary.final_metrics["loss_kl_ref"] >= 0
