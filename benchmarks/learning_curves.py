@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,15 +23,13 @@ from nanopost_trl import analysis
 from nanopost_trl.losses import Loss
 
 
-def run(loss: str, seed: int, out_dir: Path, threads: int, extra: list[str]) -> tuple[str, float]:
-    """One training run in a subprocess; returns (run_name, wall seconds)."""
+def run(loss: str, seed: int, out_dir: Path, threads: int, extra: list[str]) -> None:
+    """One training run in a subprocess, logging to `{out_dir}/{loss}-s{seed}.jsonl`."""
     run_name = f"{loss}-s{seed}"
     command = [sys.executable, "-m", "nanopost_trl.train", "--preset", "TINY_CPU", "--loss", loss, "--seed", str(seed)]
     command += ["--run_name", run_name, "--out_dir", str(out_dir), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return run_name, time.perf_counter() - start
 
 
 def steps_to_gain(run: pd.DataFrame, column: str, gain: float) -> float:
@@ -42,9 +39,10 @@ def steps_to_gain(run: pd.DataFrame, column: str, gain: float) -> float:
     return float(reached["step"].iloc[0]) if len(reached) else float("nan")
 
 
-def table(frame: pd.DataFrame, wall: dict[str, float], column: str) -> pd.DataFrame:
+def table(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per loss, mean over seeds: accuracy before/after/best, gain, runs reaching +10 points, train time."""
     rows = []
-    for run_name, run in frame.groupby("run_name"):
+    for _, run in frame.groupby("run_name"):
         evals = run.dropna(subset=[column]).sort_values("step")
         rows.append(
             {
@@ -54,13 +52,14 @@ def table(frame: pd.DataFrame, wall: dict[str, float], column: str) -> pd.DataFr
                 "after": evals[column].iloc[-1],
                 "best": evals[column].max(),
                 "steps_to_+10": steps_to_gain(run, column, 0.10),
-                "wall_s": wall.get(run_name, float("nan")),
+                "train_s": run["step_time_s"].sum(),  # optimizer steps incl. generation; excludes evals
             }
         )
     per_run = pd.DataFrame(rows)
     per_run["gain"] = per_run["after"] - per_run["before"]
     grouped = per_run.groupby("loss", sort=False)
-    summary = grouped[["before", "after", "gain", "best", "wall_s"]].mean()
+    summary = grouped[["before", "after", "gain", "best", "train_s"]].mean()
+    summary["seeds"] = grouped.size()
     summary["gain_min"] = grouped["gain"].min()
     summary["runs_reaching_+10"] = grouped["steps_to_+10"].apply(lambda s: f"{s.notna().sum()}/{len(s)}")
     summary["median_steps_to_+10"] = grouped["steps_to_+10"].median()
@@ -81,17 +80,23 @@ def main() -> None:
     parser.add_argument("--out_dir", type=Path, default=Path("benchmarks/out/learning_curves"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/learning_curves.png"))
     parser.add_argument("--table", type=Path, default=Path("benchmarks/out/learning_curves.md"))
+    parser.add_argument("--report_only", action="store_true", help="only tabulate and plot the runs in --out_dir")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more flags for every run, after --")
     args = parser.parse_args()
     extra = [flag for flag in args.extra if flag != "--"]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(loss, seed) for seed in args.seeds for loss in args.losses]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        wall = dict(pool.map(lambda job: run(*job, args.out_dir, threads, extra), jobs))
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run(*job, args.out_dir, threads, extra), jobs))
     frame = analysis.load(args.out_dir)
-    frame = frame[frame["run_name"].isin(wall)]
-    column = "eval_addition_accuracy"
-    markdown = to_markdown(table(frame, wall, column))
+    frame = frame[frame["run_name"].isin({f"{loss}-s{seed}" for loss, seed in jobs})]
+    last_step = frame.groupby("run_name")["step"].transform("max")
+    finished = last_step == frame["num_steps"]
+    frame = frame[finished]  # a run still going (or killed) is left out
+    if frame.empty:
+        sys.exit(f"no finished runs in {args.out_dir}")
+    markdown = to_markdown(table(frame, "eval_addition_accuracy"))
     print(markdown)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(markdown + "\n")
