@@ -57,6 +57,17 @@ def load_rows(source: datasets.Dataset | str | os.PathLike, split: str, config: 
     return datasets.load_dataset(str(source), config, split=split)
 
 
+def load_task_split(
+    name: str, split: str, data_dir: str | None, env_var: str, hub_id: str, config: str | None = None
+) -> tuple[datasets.Dataset, Path | str]:
+    """A task's "train" or "test" rows from `data_dir`, else $`env_var`, else the Hub; and where they came from."""
+    if split not in ("train", "test"):
+        raise ValueError(f"{name} has splits ('train', 'test'), not {split!r}")
+    local_dir = data_dir or os.environ.get(env_var)
+    source = Path(local_dir) if local_dir else hub_id
+    return load_rows(source, split, config=config), source
+
+
 def require_columns(rows: datasets.Dataset, columns: tuple[str, ...], source: object) -> None:
     """Raise a ValueError naming the first of `columns` that `rows` lacks."""
     for column in columns:

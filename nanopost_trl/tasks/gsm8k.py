@@ -8,18 +8,15 @@ number, and compares exactly as a rational.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.tasks.custom import from_dataset, load_rows, require_columns
+from nanopost_trl.tasks.custom import from_dataset, load_task_split, require_columns
 from nanopost_trl.tasks.graders import after_marker, boxed_prompt
 
 HUB_ID = "openai/gsm8k"
 CONFIG = "main"
 ENV_VAR = "NANOPOST_GSM8K_DIR"
-SPLITS = ("train", "test")
 
 
 def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -31,11 +28,7 @@ def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
     """GSM8K instances for "train" or "test", from `data_dir`, $NANOPOST_GSM8K_DIR or the Hub."""
-    if split not in SPLITS:
-        raise ValueError(f"gsm8k has splits {SPLITS}, not {split!r}")
-    local_dir = data_dir or os.environ.get(ENV_VAR)
-    source = Path(local_dir) if local_dir else HUB_ID
-    rows = load_rows(source, split, config=CONFIG)
+    rows, source = load_task_split("gsm8k", split, data_dir, ENV_VAR, HUB_ID, config=CONFIG)
     require_columns(rows, ("question", "answer"), source)
     rows = rows.map(_task_row, with_indices=True)
     return from_dataset(rows, prompt_column="prompt", answer_column="final_answer", grader="numeric", name="gsm8k")

@@ -8,17 +8,14 @@ when there is one (as in MATH-500), else the last `\\boxed{}` of `solution`.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.tasks.custom import from_dataset, load_rows, require_columns
+from nanopost_trl.tasks.custom import from_dataset, load_task_split, require_columns
 from nanopost_trl.tasks.graders import boxed_prompt, last_boxed
 
 HUB_ID = "DigitalLearningGmbH/MATH-lighteval"
 ENV_VAR = "NANOPOST_MATH_DIR"
-SPLITS = ("train", "test")
 
 
 def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -30,11 +27,7 @@ def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
     """MATH instances for "train" or "test", from `data_dir`, $NANOPOST_MATH_DIR or the Hub."""
-    if split not in SPLITS:
-        raise ValueError(f"math has splits {SPLITS}, not {split!r}")
-    local_dir = data_dir or os.environ.get(ENV_VAR)
-    source = Path(local_dir) if local_dir else HUB_ID
-    rows = load_rows(source, split)
+    rows, source = load_task_split("math", split, data_dir, ENV_VAR, HUB_ID)
     answer_column = "answer" if "answer" in rows.column_names else "solution"
     require_columns(rows, ("problem", answer_column), source)
     rows = rows.map(_task_row, with_indices=True)
