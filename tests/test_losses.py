@@ -196,8 +196,16 @@ def test_kondo_all_gated_off_is_zero_and_skips_every_row():
 
 
 def pmpo_term(labels, alpha: float, kl_coef: float):
+    accepted_frac = sum(label > 0 for label in labels) / len(labels)
+    rejected_frac = sum(label < 0 for label in labels) / len(labels)
+
     def term(i, t):
-        weight = alpha if labels[i] > 0 else -(1 - alpha) if labels[i] < 0 else 0.0
+        if labels[i] > 0:
+            weight = alpha / accepted_frac
+        elif labels[i] < 0:
+            weight = -(1 - alpha) / rejected_frac
+        else:
+            weight = 0.0
         kl, dkl = k3(i, t) if kl_coef else (0.0, 0.0)
         return -weight * LOGP[i][t] + kl_coef * kl, -weight + kl_coef * dkl
 

@@ -10,11 +10,12 @@ Labels come from the `advantages` hook: +1 accepted, -1 rejected, 0 neither. Wit
 accepted if its reward is above its group's mean and rejected if below (a group where every reward is equal gives no
 signal, as in GRPO); with a float, accepted iff r >= threshold and rejected otherwise (threshold=1.0 for exact-match
 rewards: every failure is a negative, even in an all-fail group). For binary rewards both agree on mixed groups.
-So per_token = -(alpha [A > 0] - (1 - alpha) [A < 0]) logp + kl_coef * kl, and `aggregation="constant"` makes the
-batch sum of token log-probs the sequence log-likelihood log pi(y|x), up to the constant 1 / (B * max_new_tokens).
-
-Differences: E_{D_a} and E_{D_r} share the batch normaliser instead of dividing by |D_a| and |D_r| separately (the same
-up to a constant when |D_a| = |D_r|). The KL is the k3
+So per_token = -(alpha [A > 0] / f_acc - (1 - alpha) [A < 0] / f_rej) logp + kl_coef * kl, with f_acc, f_rej the
+fractions of the batch's sequences accepted / rejected: each expectation is a mean over its own set, as in the paper
+(a shared normaliser would let the usually larger rejected set dominate when successes are rare; on the embedded task
+that version did not learn). `aggregation="constant"` makes the batch sum of token log-probs the sequence
+log-likelihood log pi(y|x), up to the constant 1 / (B * max_new_tokens). The sets are counted per micro-batch.
+The KL is the k3
 term of GRPO: its value estimates KL(pi_theta || pi_ref), but its gradient through logp, on samples from pi_theta,
 is an unbiased estimate of grad KL(pi_ref || pi_theta), the paper's direction. The paper requires beta > 0 when
 learning from negatives; kl_coef = 0 is allowed but may collapse the policy. The equation number is as cited by a
@@ -50,8 +51,12 @@ class PMPOLoss(base.LossFn):
     def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
         mask, logp = batch.mask, batch.policy_logprobs
         accepted, rejected = (batch.advantages > 0).type_as(logp), (batch.advantages < 0).type_as(logp)
-        per_token = -(self.alpha * accepted - (1 - self.alpha) * rejected) * logp
-        metrics = {"accepted_frac": accepted.mean().item(), "rejected_frac": rejected.mean().item()}
+        accepted_frac, rejected_frac = accepted.mean(), rejected.mean()
+        # E_acc and E_rej are each a mean over their own set: weight a row by 1 / (fraction of rows in its set)
+        accepted_weight = self.alpha * accepted / accepted_frac.clamp(min=1e-8)
+        rejected_weight = (1 - self.alpha) * rejected / rejected_frac.clamp(min=1e-8)
+        per_token = -(accepted_weight - rejected_weight) * logp
+        metrics = {"accepted_frac": accepted_frac.item(), "rejected_frac": rejected_frac.item()}
         if self.kl_coef:
             kl = kl_to_reference(batch)
             per_token = per_token + self.kl_coef * kl
