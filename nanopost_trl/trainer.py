@@ -107,6 +107,10 @@ class NanopostGRPOTrainer(GRPOTrainer):
             and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         ):
             raise ValueError("sync_interval > 1 keeps a full actor copy of the weights: not supported with ZeRO-3")
+        if cfg.offload_reference and self.is_deepspeed_enabled:
+            raise ValueError("offload_reference: use DeepSpeed's own offload_param_device for the reference instead")
+        if cfg.offload_reference and self.ref_model is not None:
+            self.ref_model.to("cpu")
 
     # --- rewards: keep the gathered per-function rewards; log errors and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
