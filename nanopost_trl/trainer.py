@@ -399,25 +399,30 @@ class Trainer:
             import wandb
 
             wandb.finish()  # one W&B run per Trainer.run, flushed (offline mode: the run directory is complete)
-        model_dir = None
-        if cfg.save_final_model or cfg.push_to_hub:
-            model_dir = paths["checkpoints"] / "final"
-            trainer.save_model(str(model_dir))  # a LoRA run saves its adapter only (gathered under ZeRO-3)
-            if cfg.merge_adapter_on_save and cfg.lora_r and main:  # merge the saved adapter into a fresh base copy
-                from peft import PeftModel
-                from transformers.integrations import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()  # the training is over: a plain base copy, not a ZeRO-3-partitioned one
-                merged = PeftModel.from_pretrained(load_model_and_tokenizer(cfg)[0], model_dir).merge_and_unload()
-                for name in ("adapter_model.safetensors", "adapter_config.json"):
-                    (model_dir / name).unlink()
-                merged.save_pretrained(model_dir)
+        model_dir = paths["checkpoints"] / "final" if cfg.save_final_model or cfg.push_to_hub else None
+        if model_dir is not None:
+            save_final_model(trainer, cfg, model_dir)
         summary = logger.summary(model_dir)
         if model_dir is not None and main:
             hub.write_model_card(model_dir, paths["config"], summary)
             if cfg.push_to_hub:
                 hub.push(model_dir, cfg.hub_model_id or cfg.run_name, private=cfg.hub_private)
         return summary
+
+
+def save_final_model(trainer: NanopostGRPOTrainer, cfg: TrainConfig, model_dir: Path) -> None:
+    """The model, or a LoRA run's adapter (gathered under ZeRO-3); with `merge_adapter_on_save`, the adapter merged
+    into a fresh copy of the base model (the training is over: a plain copy, not a ZeRO-3-partitioned one)."""
+    trainer.save_model(str(model_dir))
+    if cfg.merge_adapter_on_save and cfg.lora_r and trainer.accelerator.is_main_process:
+        from peft import PeftModel
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        merged = PeftModel.from_pretrained(load_model_and_tokenizer(cfg)[0], model_dir).merge_and_unload()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (model_dir / name).unlink()
+        merged.save_pretrained(model_dir)
 
 
 def latest_checkpoint(directory: Path) -> str:
