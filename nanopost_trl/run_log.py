@@ -22,7 +22,6 @@ from nanopost_trl.evaluation import greedy_accuracy
 # TRL's log keys -> the column names of the run log; other keys keep their name with "/" -> "_".
 RENAMED_KEYS = {
     "reward": "reward_mean",
-    "reward_std": "reward_std",
     "completions/mean_length": "response_len_mean",
     "learning_rate": "lr",
     "step_time": "step_time_s",

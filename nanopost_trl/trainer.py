@@ -112,11 +112,16 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
 
+    @property
+    def _mode(self) -> str:
+        """TRL's metrics bucket for the current pass: "train" or "eval"."""
+        return "train" if self.model.training else "eval"
+
     # --- rewards: keep the gathered per-function rewards; log errors and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._gathered_rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         local_counts = torch.tensor(
             [sum(func.errors for func in self.reward_funcs), rewards.grader_stats["timeouts"]],
             dtype=torch.float32,
@@ -185,7 +190,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
     # --- advantages: the loss's estimator over whole groups, before the batch is split across processes
     def _generate_and_score_completions(self, inputs):
         start = time.perf_counter()
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         staleness = self._actor_staleness() if mode == "train" else 0
         with self._reference_on_device(), self._actor_weights() if staleness else contextlib.nullcontext():
             output = super()._generate_and_score_completions(inputs)
@@ -232,7 +237,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         with torch.no_grad():
             detached, entropies = forward(slice(None))
         rows = self.loss_fn.backward_rows(self._learner_batch(inputs, detached))
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         self._metrics[mode]["backward_rows_frac"].append(rows.float().mean().item())
         policy_logprobs = detached.clone()
         if rows.any():
@@ -247,7 +252,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights
             loss = loss.detach() + sum(p.sum() for p in self._trainable_params()) * 0.0
         loss = self._checked_loss(loss, policy_logprobs)
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         for name, value in metrics.items():
             self._metrics[mode][f"loss_{name}"].append(float(value))
         mask = batch.mask
