@@ -31,56 +31,29 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.config import Preset
-from nanopost_trl.run_log import read_rows
+from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, Preset
 from nanopost_trl.trainer import Trainer
+from nanopost_trl.utils import read_rows
 
 # The shapes of each checkpoint's config.json on the Hugging Face hub (huggingface.co/<id>/blob/main/config.json),
 # checked against public copies of those files and the model cards (Qwen2.5: 0.49B / 1.54B / 3.09B parameters).
 # transformers 5 keeps rope_theta in `rope_parameters`; Gemma 3 has one per attention type (rope_local_base_freq
 # 10000 for sliding layers, rope_theta 1e6 for global ones). Gemma's `layer_types` is left to transformers' default,
 # a global layer every 6th, i.e. the checkpoint's sliding_window_pattern 6.
+_QWEN2_5 = dict(
+    model_type="qwen2",
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(
-        model_type="qwen2",
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    ),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        model_type="qwen2",
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    ),
-    "Qwen/Qwen2.5-3B-Instruct": dict(
-        model_type="qwen2",
-        hidden_size=2048,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        intermediate_size=11008,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    ),
-    "google/gemma-3-1b-it": dict(  # Gemma3ForCausalLM over a Gemma3TextConfig
+    QWEN_0_5B: dict(_QWEN2_5, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, intermediate_size=4864),
+    QWEN_1_5B: dict(_QWEN2_5, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960),
+    QWEN_3B: dict(_QWEN2_5, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, intermediate_size=11008),
+    GEMMA_1B: dict(  # Gemma3ForCausalLM over a Gemma3TextConfig
         model_type="gemma3_text",
         hidden_size=1152,
         num_hidden_layers=26,

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from nanopost_trl.utils import read_rows
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -48,21 +50,10 @@ def _jsonl_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """One dict per step; rows sharing a step (e.g. eval + train) merge, later values win. Bad lines warn."""
+    """One dict per step; rows sharing a step (e.g. eval + train) merge, later values win."""
     by_step: dict[Any, dict[str, Any]] = {}
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                warnings.warn(f"{path}:{lineno}: skipping corrupt line ({e})", stacklevel=3)
-                continue
-            if not isinstance(row, dict) or "step" not in row:
-                warnings.warn(f"{path}:{lineno}: skipping line without a 'step' field", stacklevel=3)
-                continue
-            by_step.setdefault(row["step"], {}).update(row)
+    for row in read_rows(path):
+        by_step.setdefault(row["step"], {}).update(row)
     return list(by_step.values())
 
 

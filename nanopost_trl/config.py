@@ -118,7 +118,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_QWEN_GPU = dict(bf16=True, gradient_checkpointing=True, learning_rate=1e-6, temperature=1.0, eval_every=64)
+QWEN_0_5B, QWEN_1_5B, QWEN_3B = (f"Qwen/Qwen2.5-{size}-Instruct" for size in ("0.5B", "1.5B", "3B"))
+GEMMA_1B = "google/gemma-3-1b-it"
+# What every GPU preset shares, and the batch sizes per target GPU (unverified on a GPU: benchmarks/gpu_presets.py).
+_GPU_RUN = dict(
+    bf16=True,
+    gradient_checkpointing=True,
+    learning_rate=1e-6,
+    temperature=1.0,
+    eval_every=64,
+    num_steps=1024,
+    responses_per_prompt=8,
+    max_new_tokens=512,
+)
+_A100_40GB = dict(_GPU_RUN, prompts_per_step=16, micro_batch_size=8)
+_GPU_80GB = dict(_GPU_RUN, prompts_per_step=32, micro_batch_size=16)
+_LORA_24GB = dict(_GPU_RUN, prompts_per_step=8, max_new_tokens=384, learning_rate=1e-5, lora_r=32, lora_alpha=64)
 
 
 class Preset(enum.Enum):
@@ -147,7 +162,7 @@ class Preset(enum.Enum):
         eval_size=16,
     )
     QWEN_0_5B_SMOKE = dict(
-        model="Qwen/Qwen2.5-0.5B-Instruct",
+        model=QWEN_0_5B,
         num_steps=2,
         prompts_per_step=2,
         responses_per_prompt=4,
@@ -156,83 +171,15 @@ class Preset(enum.Enum):
         eval_size=8,
     )
     QWEN_0_5B_FAST = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-0.5B-Instruct",
-        num_steps=256,
-        prompts_per_step=16,
-        responses_per_prompt=8,
-        micro_batch_size=32,
-        max_new_tokens=256,
+        _GPU_RUN, model=QWEN_0_5B, num_steps=256, prompts_per_step=16, micro_batch_size=32, max_new_tokens=256
     )
-    QWEN_1_5B_1xA100 = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-1.5B-Instruct",
-        num_steps=1024,
-        prompts_per_step=16,
-        responses_per_prompt=8,
-        micro_batch_size=8,
-        max_new_tokens=512,
-    )
-    QWEN_1_5B_1x80GB = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-1.5B-Instruct",
-        num_steps=1024,
-        prompts_per_step=32,
-        responses_per_prompt=8,
-        micro_batch_size=16,
-        max_new_tokens=512,
-    )
-    GEMMA_1B_1xA100 = dict(
-        _QWEN_GPU,
-        model="google/gemma-3-1b-it",
-        num_steps=1024,
-        prompts_per_step=16,
-        responses_per_prompt=8,
-        micro_batch_size=8,
-        max_new_tokens=512,
-    )
-    GEMMA_1B_1x80GB = dict(
-        _QWEN_GPU,
-        model="google/gemma-3-1b-it",
-        num_steps=1024,
-        prompts_per_step=32,
-        responses_per_prompt=8,
-        micro_batch_size=16,
-        max_new_tokens=512,
-    )
-    QWEN_3B_8xA100 = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-3B-Instruct",
-        num_steps=1024,
-        prompts_per_step=64,
-        responses_per_prompt=8,
-        micro_batch_size=4,
-        max_new_tokens=512,
-    )
-    QWEN_1_5B_LORA_24GB = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-1.5B-Instruct",
-        num_steps=1024,
-        prompts_per_step=8,
-        responses_per_prompt=8,
-        micro_batch_size=8,
-        max_new_tokens=384,
-        learning_rate=1e-5,
-        lora_r=32,
-        lora_alpha=64,
-    )
-    QWEN_3B_LORA_24GB = dict(
-        _QWEN_GPU,
-        model="Qwen/Qwen2.5-3B-Instruct",
-        num_steps=1024,
-        prompts_per_step=8,
-        responses_per_prompt=8,
-        micro_batch_size=4,
-        max_new_tokens=384,
-        learning_rate=1e-5,
-        lora_r=32,
-        lora_alpha=64,
-    )
+    QWEN_1_5B_1xA100 = dict(_A100_40GB, model=QWEN_1_5B)
+    QWEN_1_5B_1x80GB = dict(_GPU_80GB, model=QWEN_1_5B)
+    GEMMA_1B_1xA100 = dict(_A100_40GB, model=GEMMA_1B)
+    GEMMA_1B_1x80GB = dict(_GPU_80GB, model=GEMMA_1B)
+    QWEN_3B_8xA100 = dict(_GPU_RUN, model=QWEN_3B, prompts_per_step=64, micro_batch_size=4)
+    QWEN_1_5B_LORA_24GB = dict(_LORA_24GB, model=QWEN_1_5B, micro_batch_size=8)
+    QWEN_3B_LORA_24GB = dict(_LORA_24GB, model=QWEN_3B, micro_batch_size=4)
 
     def make(self, **overrides: Any) -> TrainConfig:
         """A TrainConfig from this preset with `overrides` applied; unknown fields raise a TypeError."""

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 from nanopost_trl import base
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.evaluation import greedy_accuracy
+from nanopost_trl.utils import read_rows
 
 # TRL's log keys -> the column names of the run log; other keys keep their name with "/" -> "_".
 RENAMED_KEYS = {
@@ -60,22 +61,11 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a run log, skipping a truncated (unparseable) line."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def truncate_after(path: Path, step: int) -> None:
     """On resume from a checkpoint at `step`, drop later rows (they will be logged again) by an atomic rewrite."""
     if not path.exists():
         return
-    kept = [row for row in read_rows(path) if row.get("step", 0) <= step]
+    kept = [row for row in read_rows(path) if row["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     os.replace(tmp, path)

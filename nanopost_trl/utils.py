@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 
@@ -16,3 +19,23 @@ def make_dataclass(cls: type, overrides: dict[str, Any]) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"{cls.__name__} has no field {key!r}{hint}; valid fields: {', '.join(fields)}")
     return cls(**overrides)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a run log in file order. A line that is not a JSON object with a `step` (e.g. one cut off by a kill
+    mid-write) is skipped with a warning naming it."""
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                warnings.warn(f"{path}:{lineno}: skipping corrupt line ({e})", stacklevel=2)
+                continue
+            if not isinstance(row, dict) or "step" not in row:
+                warnings.warn(f"{path}:{lineno}: skipping line without a 'step' field", stacklevel=2)
+                continue
+            rows.append(row)
+    return rows

@@ -22,8 +22,9 @@ from nanopost_trl import hub
 from nanopost_trl.assets import TINY_MODEL_PATH
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.run_log import RunSummary, read_rows
+from nanopost_trl.run_log import RunSummary
 from nanopost_trl.trainer import Trainer
+from nanopost_trl.utils import read_rows
 
 REPO = Path(__file__).parents[1]
 
