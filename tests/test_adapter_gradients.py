@@ -117,7 +117,8 @@ class KondoWithoutSkipping(KondoLoss):
     backward_rows = base.LossFn.backward_rows  # every row runs the grad-carrying forward and the backward
 
 
-def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, random_model_dir):
+@pytest.mark.parametrize(("unit", "keep_frac"), [("token", 0.05), ("sequence", 0.25)])
+def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, random_model_dir, unit, keep_frac):
     instances = resolve_tasks("addition", "train")[:16]
     dataset = build_dataset(instances)
     model = AutoModelForCausalLM.from_pretrained(random_model_dir)
@@ -128,7 +129,7 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
             args=grpo_args(tmp_path, "grpo", False),
             train_dataset=dataset,
             processing_class=tokenizer,
-            loss_fn=loss_cls(keep_frac=0.05, kl_coef=0.0),
+            loss_fn=loss_cls(keep_frac=keep_frac, kl_coef=0.0, unit=unit),
             instances=instances,
             cfg=TrainConfig(),
         )
@@ -151,6 +152,8 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
     hook.remove()
     full = parameter_grads(trainers[1], inputs)
     assert 0 < rows_in_grad_forward[0] < len(rows)  # only the rows with a kept token ran forward + backward
+    if unit == "sequence":
+        assert rows_in_grad_forward[0] == round(keep_frac * len(rows))
     assert trainers[0]._metrics["train"]["backward_rows_frac"][-1] == rows_in_grad_forward[0] / len(rows)
     assert trainers[0]._metrics["train"]["loss_backward_skipped_frac"][-1] > 0
     assert skipping.keys() == full.keys()

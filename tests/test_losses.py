@@ -192,6 +192,27 @@ def test_kondo_all_gated_off_is_zero_and_skips_every_row():
     assert metrics["kept_frac"] == 0.0 and metrics["backward_skipped_frac"] == 1.0
 
 
+# sequence delights A_i * sum_t -logp_it: row 0 5.1, row 1 -1.82, row 2 1.24; row 3 has no valid token
+@pytest.mark.parametrize(("keep_frac", "kept_rows"), [(0.0, set()), (0.34, {0}), (0.67, {0, 2}), (1.0, {0, 1, 2})])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_kondo_sequence_gate_keeps_whole_completions_by_their_delight(keep_frac, kept_rows, kl_coef):
+    def term(i, t):
+        kl, dkl = k3(i, t) if kl_coef else (0.0, 0.0)
+        g = 1.0 if i in kept_rows else 0.0
+        return g * (-ADV[i] * LOGP[i][t] + kl_coef * kl), g * (-ADV[i] + kl_coef * dkl)
+
+    loss_fn = KondoLoss(keep_frac=keep_frac, kl_coef=kl_coef, unit="sequence")
+    metrics = check(loss_fn, make_batch(with_ref=kl_coef > 0), term, "token_mean")
+    assert metrics["kept_frac"] == pytest.approx(sum(LENGTHS[i] for i in kept_rows) / 10)
+    assert metrics["backward_skipped_frac"] == pytest.approx(1 - len(kept_rows) / 3)
+    assert set(loss_fn.backward_rows(make_batch()).nonzero().flatten().tolist()) == kept_rows
+
+
+def test_kondo_rejects_an_unknown_unit():
+    with pytest.raises(ValueError, match="unknown Kondo unit 'tokens'; valid: 'token', 'sequence'"):
+        KondoLoss(unit="tokens")
+
+
 # --- PMPO -------------------------------------------------------------------------------------------------------
 
 

@@ -3,18 +3,20 @@
 Osband 2026, "Does This Gradient Spark Joy?" (arXiv 2603.20526). The Kondo gate compares delight with a compute
 price lambda and pays for a backward pass only when the sample is worth it:
 
-    chi_t = A * (-log pi_theta(a_t))                G_t ~ Bernoulli(sigmoid((chi_t - lambda) / eta))
-    g = sum_t G_t A grad log pi_theta(a_t)
+    chi = A * (-log pi_theta(a))                G ~ Bernoulli(sigmoid((chi - lambda) / eta))
+    g = sum G A grad log pi_theta(a)
 
-Here the "binary top-k" form (eta -> 0, hard threshold): lambda is set so that the round(keep_frac * n) valid tokens
-of highest delight pass (G = 1) and the others do not (G = 0), G detached. per_token = -G A logp (+ kl_coef * kl),
-normalised over valid tokens by default (`aggregation="token_mean"`). keep_frac = 1 is plain advantage-weighted PG.
+Here the "binary top-k" form (eta -> 0, hard threshold): lambda is set so that the round(keep_frac * n) candidates
+of highest delight pass (G = 1) and the others do not (G = 0), G detached. A candidate is a valid token
+(`unit="token"`, chi_t = A l_t) or a whole completion (`unit="sequence"`, the paper's per-sample gate: chi_i = A_i *
+sum_t l_t = A_i * -log pi(y_i|x_i)). per_token = -G A logp (+ kl_coef * kl), normalised over valid tokens by default
+(`aggregation="token_mean"`). keep_frac = 1 is plain advantage-weighted PG.
 
 Checked against the paper's abstract (the stored copy we could read shows no equation numbers, so none is quoted).
-Differences: kept tokens get the plain weight A (as losses.md; the abstract does not say whether the paper also
-applies DG's sigmoid weight); the gate is per token, not per sample; the price is a per-batch quantile (a keep
-fraction), not a fixed lambda, and ties at it are broken arbitrarily by `topk`; the KL term is gated with the PG term,
-so that a row whose tokens are all gated off contributes nothing and needs no backward pass (`gate` finds those rows).
+Differences: kept samples get the plain weight A (as losses.md; the abstract does not say whether the paper also
+applies DG's sigmoid weight); the price is a per-batch quantile (a keep fraction), not a fixed lambda, and ties at it
+are broken arbitrarily by `topk`; the KL term is gated with the PG term, so that a row whose tokens are all gated off
+contributes nothing and needs no backward pass (`backward_rows` finds those rows).
 """
 
 from __future__ import annotations
@@ -30,18 +32,25 @@ from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_
 
 @dataclasses.dataclass
 class KondoLoss(base.LossFn):
-    keep_frac: float = 0.1  # fraction of valid tokens that pay for a backward pass
+    keep_frac: float = 0.1  # fraction of candidates (valid tokens or completions) that pay for a backward pass
+    unit: Literal["token", "sequence"] = "token"  # what the gate keeps or drops
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "token_mean"
     max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
+    def __post_init__(self) -> None:
+        if self.unit not in ("token", "sequence"):
+            raise ValueError(f"unknown Kondo unit {self.unit!r}; valid: 'token', 'sequence'")
+
     def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
-        """The (B, T) 0/1 gate, detached: 1 on the round(keep_frac * n_valid) valid tokens of highest delight."""
-        valid = batch.mask.bool()
-        chi = delight(batch).masked_fill(~valid, -torch.inf).flatten()
-        kept = torch.zeros_like(chi)
-        kept[chi.topk(round(self.keep_frac * int(valid.sum()))).indices] = 1.0
-        return kept.view_as(batch.mask)
+        """The (B, T) 0/1 gate, detached: 1 on the valid tokens of the round(keep_frac * n) top-delight candidates."""
+        mask, chi = batch.mask, delight(batch)
+        if self.unit == "sequence":  # one delight per completion: A * -log pi(y|x)
+            chi, mask = (chi * mask).sum(-1, keepdim=True), mask.amax(-1, keepdim=True)
+        scores = chi.masked_fill(~mask.bool(), -torch.inf).flatten()
+        kept = torch.zeros_like(scores)
+        kept[scores.topk(round(self.keep_frac * int(mask.sum()))).indices] = 1.0
+        return kept.view_as(chi) * batch.mask
 
     def backward_rows(self, batch: base.LearnerBatch) -> torch.Tensor:
         """Sequences with at least one kept token; the others need no backward pass."""
