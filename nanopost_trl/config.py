@@ -72,7 +72,14 @@ class TrainConfig:
     # --- held-out evaluation
     eval_every: int = field(default=0, metadata={"help": "Greedy held-out eval every N steps (0: start and end only)."})
     eval_size: int = field(default=200, metadata={"help": "Held-out instances per task for eval."})
-    eval_batch_size: int = field(default=256, metadata={"help": "Prompts per greedy-decoding batch in eval."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Completions per decoding batch in eval."})
+    eval_pass_k: int = field(
+        default=0,
+        metadata={
+            "help": "k >= 2: also log eval_{task}_pass@k, the best of k completions sampled at `temperature` "
+            "(pass@k for 0/1 graders) on the same held-out instances. 0: off."
+        },
+    )
     # --- data
     data_dir: str | None = field(default=None, metadata={"help": "Local dir with task data files (offline use)."})
     # --- run bookkeeping
@@ -109,6 +116,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.responses_per_prompt must be >= 2: advantages are relative to the group")
         if self.sync_interval < 1:
             raise ValueError(f"TrainConfig.sync_interval must be >= 1, got {self.sync_interval}")
+        if self.eval_pass_k == 1 or self.eval_pass_k < 0:
+            raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
 
     @property
     def completions_per_step(self) -> int:

@@ -4,6 +4,7 @@ held-out eval, the short per-step console line, and the end-of-run summary."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base
 from nanopost_trl.config import TrainConfig
-from nanopost_trl.evaluation import greedy_accuracy
+from nanopost_trl.evaluation import held_out_accuracy
 from nanopost_trl.utils import read_rows
 
 # TRL's log keys -> the column names of the run log; other keys keep their name with "/" -> "_".
@@ -89,7 +90,7 @@ class RunSummary:
     log_path: Path
     config_path: Path
     model_dir: Path | None
-    eval_before: dict[str, float]
+    eval_before: dict[str, float]  # held-out greedy accuracy per task ("{task}") and pass@k ("{task} pass@k")
     eval_after: dict[str, float]
     reward_first: float | None  # mean reward over the first steps (up to 10)
     reward_last: float | None  # mean reward over the last steps (up to 10)
@@ -97,9 +98,12 @@ class RunSummary:
 
     def __str__(self) -> str:
         lines = [f"run {self.run_name}"]
-        for task in sorted(self.eval_after):
-            before = self.eval_before.get(task, float("nan"))
-            lines.append(f"  held-out greedy accuracy [{task}]: {before:.1%} -> {self.eval_after[task]:.1%}")
+        for key in sorted(self.eval_after):
+            task, _, metric = key.partition(" ")
+            before = self.eval_before.get(key, float("nan"))
+            lines.append(
+                f"  held-out {metric or 'greedy accuracy'} [{task}]: {before:.1%} -> {self.eval_after[key]:.1%}"
+            )
         if self.reward_first is not None:
             lines.append(
                 f"  train reward (mean of first -> last 10 steps): {self.reward_first:.3f} -> {self.reward_last:.3f}"
@@ -131,21 +135,35 @@ class RunLogger(TrainerCallback):
         self.is_main = trainer.accelerator.is_main_process
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per task as `eval_{task}_accuracy`, each process scoring its shard of the instances."""
+        """Greedy accuracy per task as `eval_{task}_accuracy` (and `eval_{task}_pass@k` when cfg.eval_pass_k is on),
+        each process scoring its shard of the instances."""
         trainer, cfg = self.trainer, self.trainer.cfg
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         shard = self.eval_instances[rank::world]
-        names = sorted({instance.name for instance in self.eval_instances})
         model = trainer.accelerator.unwrap_model(trainer.model)
-        accuracy = greedy_accuracy(model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size)
-        sizes = [sum(instance.name == name for instance in shard) for name in names]
-        correct_and_total = torch.tensor(
-            [[accuracy.get(name, 0.0) * size, size] for name, size in zip(names, sizes, strict=True)],
-            dtype=torch.float64,
-            device=trainer.accelerator.device,
+        score = functools.partial(
+            held_out_accuracy, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size
         )
-        totals = trainer.accelerator.reduce(correct_and_total, reduction="sum").tolist()
-        return {f"eval_{name}_accuracy": correct / max(n, 1) for name, (correct, n) in zip(names, totals, strict=True)}
+        metrics = self.reduce_over_processes(shard, score(), "accuracy")
+        if cfg.eval_pass_k:
+            best_of_k = score(samples=cfg.eval_pass_k, temperature=cfg.temperature, seed=cfg.seed + rank)
+            metrics |= self.reduce_over_processes(shard, best_of_k, f"pass@{cfg.eval_pass_k}")
+        return metrics
+
+    def reduce_over_processes(
+        self, shard: list[base.TaskInstance], shard_means: dict[str, float], metric: str
+    ) -> dict[str, float]:
+        """`eval_{task}_{metric}` over all processes' shards from each shard's per-task means."""
+        names = sorted({instance.name for instance in self.eval_instances})
+        sizes = [sum(instance.name == name for instance in shard) for name in names]
+        accelerator = self.trainer.accelerator
+        sums_and_sizes = torch.tensor(
+            [[shard_means.get(name, 0.0) * size, size] for name, size in zip(names, sizes, strict=True)],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
+        totals = accelerator.reduce(sums_and_sizes, reduction="sum").tolist()
+        return {f"eval_{name}_{metric}": total / max(n, 1) for name, (total, n) in zip(names, totals, strict=True)}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.is_main:
@@ -199,7 +217,11 @@ class RunLogger(TrainerCallback):
 
 
 def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:
-    return {key.removeprefix("eval_").removesuffix("_accuracy"): value for key, value in metrics.items()}
+    """`eval_{task}_accuracy` -> `{task}`, `eval_{task}_pass@k` -> `{task} pass@k`."""
+    return {
+        key.removeprefix("eval_").removesuffix("_accuracy").replace("_pass@", " pass@"): value
+        for key, value in metrics.items()
+    }
 
 
 def _format_eval(step: int, metrics: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from nanopost_trl.assets import TINY_MODEL_PATH
-from nanopost_trl.evaluation import greedy_accuracy, prompt_ids
+from nanopost_trl.evaluation import held_out_accuracy, prompt_ids
 from nanopost_trl.tasks import addition
 
 PAD, UNK, EOS = "<|pad|>", "<|unk|>", "<|endoftext|>"
@@ -149,7 +149,7 @@ def main() -> None:
             continue
         eval_start = time.perf_counter()
         shipped = as_shipped(model)
-        accuracy = greedy_accuracy(shipped, tokenizer, test, MAX_NEW_TOKENS)[addition.NAME]
+        accuracy = held_out_accuracy(shipped, tokenizer, test, MAX_NEW_TOKENS)[addition.NAME]
         eval_time += time.perf_counter() - eval_start
         elapsed = time.perf_counter() - start
         print(

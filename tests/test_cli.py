@@ -63,6 +63,8 @@ def test_help_documents_every_field():
         (["--loss", "dg", "--loss_args", "etta=1"], "DGLoss has no field 'etta' (did you mean 'eta'?)"),
         (["--num_stepz", "3"], "unrecognized argument: --num_stepz (did you mean --num_steps?)"),
         (["--responses_per_prompt", "1"], "responses_per_prompt must be >= 2"),
+        (["--eval_pass_k", "1"], "eval_pass_k must be 0 (off) or >= 2, got 1"),
+        (["--loss", "kondo", "--loss_args", "unit=row"], "unknown Kondo unit 'row'; valid: 'token', 'sequence'"),
     ],
 )
 def test_bad_names_exit_with_the_valid_ones(args, message):

@@ -1,4 +1,4 @@
-"""The embedded tiny model (nanopost_trl/assets/tiny), its offline addition task, and greedy_accuracy."""
+"""The embedded tiny model (nanopost_trl/assets/tiny), its offline addition task, and held_out_accuracy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from nanopost_trl.assets import TINY_MODEL_PATH
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.evaluation import greedy_accuracy, prompt_ids
+from nanopost_trl.evaluation import held_out_accuracy, prompt_ids
 from nanopost_trl.tasks import addition, get_task_loader
 
 
@@ -94,20 +94,50 @@ def test_grader_is_exact(completion, score):
 
 
 def test_shipped_checkpoint_has_room_to_improve(model, tokenizer):
-    accuracy = greedy_accuracy(model, tokenizer, addition.load("test")[:200], max_new_tokens=4)
+    accuracy = held_out_accuracy(model, tokenizer, addition.load("test")[:200], max_new_tokens=4)
     assert set(accuracy) == {"addition"}
     assert 0.10 <= accuracy["addition"] <= 0.45
 
 
-def test_greedy_accuracy_groups_by_task_and_restores_training_mode(model, tokenizer):
+def test_held_out_accuracy_groups_by_task_and_restores_training_mode(model, tokenizer):
     prompts = [instance.prompt for instance in addition.load("test")[:5]]
     instances = [TaskInstance("always", p, lambda c: 1.0) for p in prompts]
     instances += [TaskInstance("never", p, lambda c: 0.0) for p in prompts]
     instances.append(TaskInstance("digits", prompts[0], lambda c: float(c.isdigit())))
     model.train()
     try:
-        accuracy = greedy_accuracy(model, tokenizer, instances, max_new_tokens=4, batch_size=3)
+        accuracy = held_out_accuracy(model, tokenizer, instances, max_new_tokens=4, batch_size=3)
         assert model.training
     finally:
         model.eval()
     assert accuracy == {"always": 1.0, "never": 0.0, "digits": 1.0}
+
+
+def test_best_of_k_scores_each_instance_on_its_own_k_samples(model, tokenizer):
+    seen: dict[int, list[str]] = {i: [] for i in range(6)}
+
+    def recording(index: int, grade):
+        return lambda completion: seen[index].append(completion) or grade(completion)
+
+    instances = [
+        TaskInstance(f"task{i % 2}", instance.prompt, recording(i, instance.eval_fn))
+        for i, instance in enumerate(addition.load("test")[:6])
+    ]
+    torch.manual_seed(123)
+    next_draw = torch.rand(1)
+    torch.manual_seed(123)
+    best_of_4 = held_out_accuracy(model, tokenizer, instances, 4, batch_size=10, samples=4, temperature=1.5, seed=7)
+    assert torch.rand(1) == next_draw  # training's RNG stream is untouched
+    assert all(len(completions) == 4 for completions in seen.values())
+    assert any(len(set(completions)) > 1 for completions in seen.values())  # sampled, not greedy
+    for task in ("task0", "task1"):
+        indices = [i for i in range(6) if instances[i].name == task]
+        want = sum(max(addition.load("test")[i].eval_fn(c) for c in seen[i]) for i in indices) / len(indices)
+        assert best_of_4[task] == want
+    first_draw = {i: list(completions) for i, completions in seen.items()}
+    for completions in seen.values():
+        completions.clear()
+    assert held_out_accuracy(model, tokenizer, instances, 4, batch_size=10, samples=4, temperature=1.5, seed=7) == (
+        best_of_4
+    )
+    assert seen == first_draw  # the same seed draws the same samples

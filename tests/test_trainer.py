@@ -188,12 +188,15 @@ def test_mixed_tasks_and_reward_components_are_logged_apart(tmp_path):
     from nanopost_trl.rewards import Combined, Correctness, Format
 
     reward = Combined([(Correctness(), 1.0), (Format(r"^\d+$", name="digits_only"), 0.5)])
-    cfg = smoke(tmp_path, prompts_per_step=4, num_steps=2)
+    cfg = smoke(tmp_path, prompts_per_step=4, num_steps=2, eval_pass_k=4)
     summary = Trainer(cfg).run(tasks=["addition", "countdown"], reward_fn=reward)
     row = summary.final_metrics
     assert {"reward_correctness_mean", "reward_digits_only_mean"} <= row.keys()
     assert row["reward_mean"] == pytest.approx(row["reward_correctness_mean"] + 0.5 * row["reward_digits_only_mean"])
-    assert {"eval_addition_accuracy", "eval_countdown_accuracy"} <= row.keys()
+    evals = {f"eval_{task}_{metric}" for task in ("addition", "countdown") for metric in ("accuracy", "pass@4")}
+    assert evals <= row.keys() and all(0 <= row[key] <= 1 for key in evals)
+    assert summary.eval_after.keys() == {"addition", "countdown", "addition pass@4", "countdown pass@4"}
+    assert "held-out pass@4 [addition]:" in str(summary) and "held-out greedy accuracy [countdown]:" in str(summary)
     assert any(key.startswith("task_") and key.endswith("_reward_mean") for key in row)
 
 
