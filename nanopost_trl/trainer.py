@@ -117,6 +117,13 @@ class NanopostGRPOTrainer(GRPOTrainer):
         """TRL's metrics bucket for the current pass: "train" or "eval"."""
         return "train" if self.model.training else "eval"
 
+    def _log_mean_over_processes(self, values: dict[str, float]) -> None:
+        """Append each value's mean over processes to its metric: one collective, every process calls it."""
+        local = torch.tensor(list(values.values()), dtype=torch.float64, device=self.accelerator.device)
+        means = self.accelerator.reduce(local, reduction="mean").tolist()
+        for name, mean in zip(values, means, strict=True):
+            self._metrics[self._mode][name].append(mean)
+
     # --- rewards: keep the gathered per-function rewards; log errors and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -237,8 +244,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         with torch.no_grad():
             detached, entropies = forward(slice(None))
         rows = self.loss_fn.backward_rows(self._learner_batch(inputs, detached))
-        mode = self._mode
-        self._metrics[mode]["backward_rows_frac"].append(rows.float().mean().item())
+        self._log_mean_over_processes({"backward_rows_frac": rows.float().mean().item()})
         policy_logprobs = detached.clone()
         if rows.any():
             with_grad, _ = forward(rows)
@@ -252,15 +258,17 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights
             loss = loss.detach() + sum(p.sum() for p in self._trainable_params()) * 0.0
         loss = self._checked_loss(loss, policy_logprobs)
-        mode = self._mode
-        for name, value in metrics.items():
-            self._metrics[mode][f"loss_{name}"].append(float(value))
         mask = batch.mask
         valid = mask.sum().clamp(min=1)
-        self._metrics[mode]["entropy"].append(((entropies * mask).sum() / valid).item())
         gap = (policy_logprobs.detach() - batch.rollout_logprobs).abs()
-        self._metrics[mode]["rollout_logprob_gap"].append(((gap * mask).sum() / valid).item())
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._log_mean_over_processes(
+            {f"loss_{name}": float(value) for name, value in metrics.items()}
+            | {
+                "entropy": ((entropies * mask).sum() / valid).item(),
+                "rollout_logprob_gap": ((gap * mask).sum() / valid).item(),
+            }
+        )
+        normalizer = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
         return loss / normalizer
 
     def _checked_loss(self, loss: Any, policy_logprobs: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def test_two_process_cli_run_logs_each_step_once(tmp_path):
     assert result.stdout.count("held-out greedy accuracy") == 1  # the summary prints on the main process only
 
 
-def test_groups_are_whole_prompts_across_processes(tmp_path):
+def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_processes(tmp_path):
     result = accelerate_launch(str(SCRIPTS / "ddp_groups.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     groups = [json.loads((tmp_path / f"groups-{rank}.json").read_text()) for rank in (0, 1)]
@@ -37,3 +37,4 @@ def test_groups_are_whole_prompts_across_processes(tmp_path):
         assert len(group) == 4 and len(set(group)) == 1, group  # one prompt's 4 completions, never a mix
     rows = [json.loads(line) for line in (tmp_path / "ddp.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert [row["loss_rank"] for row in rows[1:]] == [0.5] * 3  # loss metrics: the mean over processes

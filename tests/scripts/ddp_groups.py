@@ -1,7 +1,8 @@
-"""Run under `accelerate launch --num_processes 2 --cpu`: every advantage group must hold one prompt's completions.
+"""Run under `accelerate launch --multi_gpu --num_processes 2`: each advantage group holds one prompt's completions.
 
 The reward is the prompt's instance index, so a group mixing two prompts would have unequal rewards. Each process
-appends the groups it saw to `{out_dir}/groups-{rank}.json`.
+appends the groups it saw to `{out_dir}/groups-{rank}.json`. The loss also reports its process index as a metric,
+which the log must hold as the mean over processes (0.5).
 """
 
 import dataclasses
@@ -24,6 +25,10 @@ class GroupRecordingGRPO(GRPOLoss):
     def advantages(self, rewards):
         self.groups.extend(rewards.tolist())
         return super().advantages(rewards)
+
+    def __call__(self, batch):
+        loss, metrics = super().__call__(batch)
+        return loss, {**metrics, "rank": float(PartialState().process_index)}
 
 
 out_dir = Path(sys.argv[1])
