@@ -6,7 +6,10 @@ per-completion guard: it never lets a grader crash or hang the run, and counts w
 
 Timeout mechanism: in the main thread, `signal.setitimer(ITIMER_REAL)` + a SIGALRM handler that raises
 `GraderTimeout`, which interrupts a hung pure-Python grader (a loop, a `time.sleep`, sympy) at its next bytecode.
-`GraderTimeout` derives from BaseException so a grader's own `except Exception` cannot swallow it. Signals only
+`GraderTimeout` derives from BaseException so a grader's own `except Exception` cannot swallow it. An exception
+raised inside a finalizer (`__del__`) is swallowed by the interpreter, so the cyclic garbage collector is paused
+while a grader runs (its finalizers, e.g. of objects a training step left behind, would otherwise run mid-grader),
+and the alarm repeats every `ALARM_REPEAT_S` until the grader has stopped. Signals only
 work in the main thread, so elsewhere (or on platforms without setitimer) the grader runs in a daemon worker
 thread joined with the time limit; on timeout `GraderTimeout` is injected into the worker with
 `PyThreadState_SetAsyncExc`, which stops pure-Python code; a grader stuck inside one C call is left to finish in
@@ -19,6 +22,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import gc
 import math
 import re
 import signal
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from nanopost_trl.base import RewardFn, TaskInstance
 
 DEFAULT_TIMEOUT_S = 5.0
+ALARM_REPEAT_S = 0.05
 
 # Graders caught by safe_grade since the trainer last read and cleared this: keys "errors" and "timeouts".
 grader_stats: collections.Counter[str] = collections.Counter()
@@ -43,14 +48,21 @@ def _raise_timeout(signum: int, frame: object) -> None:
 
 def _call_with_alarm(eval_fn: Callable[[str], float], completion: str, timeout_s: float) -> float:
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return eval_fn(completion)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    finally:  # restores the handler even if the alarm fires just as the grader returns
+        signal.setitimer(signal.ITIMER_REAL, timeout_s, ALARM_REPEAT_S)
+        return eval_fn(completion)
+    finally:  # disarm first (a late alarm landing here is caught and the disarm retried), then restore the handler
+        while True:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except GraderTimeout:
+                continue
         signal.signal(signal.SIGALRM, previous)
+        if collecting:
+            gc.enable()
 
 
 def _call_in_worker(eval_fn: Callable[[str], float], completion: str, timeout_s: float) -> float:

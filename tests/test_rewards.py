@@ -4,6 +4,7 @@ the weighted Combined sum. Adversarial completions through the real graders are 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import threading
@@ -49,6 +50,21 @@ def swallow_exceptions_and_spin(completion: str) -> float:
             time.sleep(3600)
 
 
+class SlowFinalizer:
+    def __del__(self) -> None:
+        time.sleep(0.2)  # an alarm landing in here is swallowed by the interpreter ("Exception ignored in ...")
+
+
+def finalizer_eats_the_alarm(completion: str) -> float:
+    """A finalizer (as the garbage collector runs mid-grader) is running when the time limit passes; then it spins."""
+    start = time.perf_counter()
+    while time.perf_counter() < start + TIMEOUT_S - 0.05:
+        pass
+    SlowFinalizer()  # its __del__ spans the moment the first alarm fires
+    while True:
+        pass
+
+
 def raise_error(completion: str) -> float:
     raise RuntimeError("grader bug")
 
@@ -71,7 +87,8 @@ def test_safe_grade_counts_errors_as_nan():
         safe_grade(len, "x", timeout_s=0)
 
 
-@pytest.mark.parametrize("grader", [spin_forever, sleep_forever, swallow_exceptions_and_spin])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("grader", [spin_forever, sleep_forever, swallow_exceptions_and_spin, finalizer_eats_the_alarm])
 def test_safe_grade_interrupts_a_hung_grader(grader):
     handler = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
@@ -80,6 +97,7 @@ def test_safe_grade_interrupts_a_hung_grader(grader):
     assert grader_stats["timeouts"] == 1 and grader_stats["errors"] == 0
     assert signal.getsignal(signal.SIGALRM) is handler  # the previous handler is back
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # and no alarm is left pending
+    assert gc.isenabled()  # the garbage collector, paused while the grader ran, is back on
     assert safe_grade(len, "ab", timeout_s=TIMEOUT_S) == 2.0  # the next call works as usual
 
 
