@@ -55,8 +55,9 @@ def held_out_accuracy(
             for start in range(0, len(instances), prompts_per_call):
                 batch = instances[start : start + prompts_per_call]
                 completions = _generate(model, tokenizer, [i.prompt for i in batch], generation_config, pad_id)
-                for index, instance in enumerate(batch):  # generate returns each prompt's `samples` rows together
-                    graded = [safe_grade(instance.eval_fn, c) for c in completions[index * samples :][:samples]]
+                starts = range(0, len(completions), samples)  # generate returns each prompt's `samples` rows together
+                for instance, start in zip(batch, starts, strict=True):
+                    graded = [safe_grade(instance.eval_fn, c) for c in completions[start : start + samples]]
                     scores[instance.name].append(max(0.0 if math.isnan(score) else score for score in graded))
     finally:
         model.train(was_training)
