@@ -13,18 +13,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import make_dataclass
-
-TINY_MODEL = "nanopost-tiny"  # the model shipped inside the package (nanopost_trl/assets/tiny)
-
-
-def resolve_model_path(model: str) -> str:
-    """The path or hub id to load: `TINY_MODEL` resolves to the package's embedded checkpoint."""
-    if model == TINY_MODEL:
-        from nanopost_trl.assets import TINY_MODEL_PATH
-
-        return str(TINY_MODEL_PATH)
-    return model
 
 
 @dataclasses.dataclass
@@ -32,7 +22,16 @@ class TrainConfig:
     """Every setting of a run. Batch sizes count completions (prompts x responses) unless they say prompts."""
 
     # --- what to train
-    model: str = field(default=TINY_MODEL, metadata={"help": "Hub id or local path; 'nanopost-tiny' = embedded model."})
+    model: str = field(
+        default=TINY_MODEL,
+        metadata={
+            "help": "Hub id, local HF directory, or GGUF file (*.gguf); 'nanopost-tiny' = the embedded model, "
+            "'smollm2-135m-instruct' = SmolLM2-135M-Instruct from the `smollm` extra."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file name inside the `model` directory (GGUF models are converted once)."}
+    )
     num_steps: int = field(default=200, metadata={"help": "Optimizer steps (one generation batch each)."})
     prompts_per_step: int = field(default=8, metadata={"help": "Distinct prompts per optimizer step (all processes)."})
     responses_per_prompt: int = field(default=8, metadata={"help": "Completions sampled per prompt (group size)."})

@@ -29,8 +29,9 @@ from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
 from nanopost_trl import base, hub, rewards
-from nanopost_trl.config import TrainConfig, output_paths, resolve_model_path, to_grpo_config
+from nanopost_trl.config import TrainConfig, output_paths, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.models import resolve_model_path
 from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, write_run_config
 from nanopost_trl.tasks import resolve_tasks
 
@@ -324,7 +325,7 @@ def eval_subset(instances: Sequence[base.TaskInstance], size: int) -> list[base.
 
 
 def load_model_and_tokenizer(cfg: TrainConfig):
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token is None:

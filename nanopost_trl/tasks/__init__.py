@@ -21,6 +21,7 @@ class TaskLoader(Protocol):
 # name -> module under nanopost_trl.tasks defining `load`; imported on first use so optional deps stay optional.
 TASK_MODULES: dict[str, str] = {
     "addition": "addition",
+    "arithmetic": "arithmetic",
     "countdown": "countdown",
     "gsm8k": "gsm8k",
     "math": "math",

