@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,9 @@ class LossFn(abc.ABC):
     A field left at `None` whose name is also a `TrainConfig` field (e.g. `kl_coef`, `max_new_tokens`) is filled in
     from the run's config when training starts.
     """
+
+    # Metric names (as returned, without `loss_`) shown on the per-step console line; every metric is logged anyway.
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def __call__(self, batch: LearnerBatch) -> tuple[torch.Tensor, Metrics]:

@@ -4,7 +4,8 @@ Read top to bottom:
 1. `RewardAdapter` turns a `RewardFn` over `TaskInstance`s into a TRL reward function (dataset rows carry an index).
 2. `NanopostGRPOTrainer` subclasses `GRPOTrainer` at three hooks: `_calculate_rewards` (keep the gathered rewards),
    `_generate_and_score_completions` (advantages from the loss's estimator over whole groups), and `_compute_loss`
-   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does).
+   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does); `nanopost_trl.compat`
+   checks at start-up that TRL still has them, and on the first step that the LossFn's loss is back-propagated.
 3. `Trainer(cfg).run(loss_fn, tasks)` loads the model, builds the dataset, trains, evaluates, and returns a summary.
 """
 
@@ -28,11 +29,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from nanopost_trl import base, hub, rewards
+from nanopost_trl import base, compat, hub, rewards
 from nanopost_trl.config import TrainConfig, output_paths, resolve_model_path, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, write_run_config
-from nanopost_trl.tasks import resolve_tasks
+from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, runtime_info, write_run_config
+from nanopost_trl.tasks import resolve_tasks, tasks_label
 
 REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
 
@@ -100,7 +101,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self._gathered_rewards: torch.Tensor | None = None
         self._actor_params: list[torch.Tensor] = []  # the actor's copy of the trainable weights (sync_interval > 1)
         self._actor_synced_at = 0
+        self._backprop_check = compat.BackpropCheck()
+        compat.check_trl_hooks()
+        compat.silence_known_warnings()
         super().__init__(*args, **kwargs)
+        compat.refuse_loss_side_options(self)
         if (
             cfg.sync_interval > 1
             and self.is_deepspeed_enabled
@@ -269,7 +274,12 @@ class NanopostGRPOTrainer(GRPOTrainer):
             }
         )
         normalizer = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
-        return loss / normalizer
+        return self._backprop_check.watch(loss / normalizer)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._backprop_check.verify()  # once: the LossFn's loss was the one back-propagated
+        return loss
 
     def _checked_loss(self, loss: Any, policy_logprobs: torch.Tensor) -> torch.Tensor:
         """The loss if it is a finite scalar tensor with grad; else a clear error (or a skipped step)."""
@@ -371,10 +381,9 @@ class Trainer:
             raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
         loss_fn = fill_from_config(loss_fn or GRPOLoss(), cfg)
         if cfg.run_name is None:
-            task_label = tasks if isinstance(tasks, str) else "custom"
             cfg = self.cfg = dataclasses.replace(
                 cfg,
-                run_name=f"{type(loss_fn).__name__.removesuffix('Loss').lower()}-{task_label}-s{cfg.seed}-"
+                run_name=f"{type(loss_fn).__name__.removesuffix('Loss').lower()}-{tasks_label(tasks)}-s{cfg.seed}-"
                 f"{time.strftime('%Y%m%d-%H%M%S')}",
             )
         set_seed(cfg.seed)
@@ -404,7 +413,7 @@ class Trainer:
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(QuietProgressCallback)
         if trainer.accelerator.is_main_process:
-            write_run_config(paths["config"], cfg, loss_fn, tasks)
+            write_run_config(paths["config"], cfg, loss_fn, tasks, runtime_info(trainer))
         trainer.train(resume_from_checkpoint=latest_checkpoint(paths["checkpoints"]) if resume is True else resume)
         self.grpo_trainer = trainer  # kept for inspection after the run (model, ref_model, state)
         main = trainer.accelerator.is_main_process

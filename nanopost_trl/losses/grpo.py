@@ -24,6 +24,8 @@ from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
 
 @dataclasses.dataclass
 class GRPOLoss(base.LossFn):
+    headline_metrics = ("clipfrac",)
+
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
