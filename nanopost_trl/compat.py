@@ -92,6 +92,14 @@ def refuse_loss_side_options(trainer: trl.GRPOTrainer) -> None:
         )
 
 
+def sampler_corrected(logprobs: torch.Tensor, importance_sampling_ratio: torch.Tensor) -> torch.Tensor:
+    """`logprobs` with the same values, each token's gradient multiplied by TRL's vLLM importance-sampling ratio
+    ((B, T) per token, or (B, 1) per sequence; detached): TRL's `per_token_loss * importance_sampling_ratio` for a
+    loss built from per-token log-probs, whatever its formula."""
+    detached = logprobs.detach()
+    return detached + (logprobs - detached) * importance_sampling_ratio
+
+
 class BackpropCheck:
     """Verifies once that the loss the LossFn returned is the one back-propagated.
 

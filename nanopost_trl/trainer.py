@@ -222,10 +222,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:  # multi-turn tool calls: tool output tokens carry no loss
             mask = mask * inputs["tool_mask"]
-        rollout_logprobs = inputs.get("old_per_token_logps")
+        learner_logprobs = inputs.get("old_per_token_logps")
+        rollout_logprobs = policy_logprobs.detach() if learner_logprobs is None else learner_logprobs
+        if "sampling_per_token_logps" in inputs:  # vLLM's own; a token it could not score (NaN) keeps the learner's
+            sampler_logprobs = inputs["sampling_per_token_logps"]
+            rollout_logprobs = torch.where(sampler_logprobs.isnan(), rollout_logprobs, sampler_logprobs)
         return base.LearnerBatch(
             policy_logprobs=policy_logprobs,
-            rollout_logprobs=policy_logprobs.detach() if rollout_logprobs is None else rollout_logprobs,
+            rollout_logprobs=rollout_logprobs,
             reference_logprobs=inputs.get("ref_per_token_logps"),
             advantages=inputs["advantages"].unsqueeze(1),
             rewards=inputs["rewards"],
@@ -258,6 +262,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         policy_logprobs, entropies = self._policy_logprobs(model, inputs)
+        if "importance_sampling_ratio" in inputs and not self.loss_fn.corrects_sampler_mismatch:
+            policy_logprobs = compat.sampler_corrected(policy_logprobs, inputs["importance_sampling_ratio"])
         batch = self._learner_batch(inputs, policy_logprobs)
         loss, metrics = self.loss_fn(batch)
         if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights

@@ -11,36 +11,13 @@ from pathlib import Path
 import pytest
 import tomllib
 import trl
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from nanopost_trl import compat
-from nanopost_trl.assets import TINY_MODEL_PATH
-from nanopost_trl.config import Preset, to_grpo_config
-from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, Trainer, build_dataset
+from nanopost_trl.config import Preset
+from nanopost_trl.trainer import NanopostGRPOTrainer, Trainer
 
 ROOT = Path(__file__).parents[1]
-
-
-def tiny_trainer(tmp_path, trainer_class: type = NanopostGRPOTrainer, **grpo_options) -> NanopostGRPOTrainer:
-    """A TINY_SMOKE trainer on the embedded model (2 prompts x 4 completions a step), GRPOConfig options overridden."""
-    cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="compat", num_steps=1)
-    args = to_grpo_config(cfg, num_processes=1, uses_reference=False)
-    for name, value in grpo_options.items():
-        setattr(args, name, value)
-    instances = resolve_tasks("addition", "train")[:16]
-    return trainer_class(
-        model=AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH),
-        reward_funcs=[RewardAdapter(lambda completions, instances: [float(len(c)) for c in completions], instances)],
-        args=args,
-        train_dataset=build_dataset(instances),
-        processing_class=AutoTokenizer.from_pretrained(TINY_MODEL_PATH, padding_side="left"),
-        loss_fn=GRPOLoss(kl_coef=0.0),
-        instances=instances,
-        cfg=cfg,
-    )
 
 
 def test_pyproject_declares_the_supported_trl_range():
@@ -81,8 +58,8 @@ class TRLLossInstead(NanopostGRPOTrainer):
     ("calls_loss_fn", "message"),
     [(False, "without calling the adapter's _compute_loss"), (True, "was not the tensor TRL back-propagated")],
 )
-def test_a_bypassed_loss_fn_stops_the_run_on_the_first_step(tmp_path, calls_loss_fn, message):
-    trainer = tiny_trainer(tmp_path, type("Bypass", (TRLLossInstead,), {"calls_loss_fn": calls_loss_fn}))
+def test_a_bypassed_loss_fn_stops_the_run_on_the_first_step(tiny_trainer, calls_loss_fn, message):
+    trainer = tiny_trainer(type("Bypass", (TRLLossInstead,), {"calls_loss_fn": calls_loss_fn}))
     with pytest.raises(compat.UnsupportedTRL, match=message):
         trainer.train()
 
@@ -91,26 +68,26 @@ def test_a_bypassed_loss_fn_stops_the_run_on_the_first_step(tmp_path, calls_loss
     ("option", "value"),
     [("top_entropy_quantile", 0.2), ("delta", 2.0), ("importance_sampling_level", "sequence"), ("entropy_coef", 0.01)],
 )
-def test_trl_loss_options_a_loss_fn_would_drop_are_refused(tmp_path, option, value):
+def test_trl_loss_options_a_loss_fn_would_drop_are_refused(tiny_trainer, option, value):
     with pytest.raises(ValueError, match=rf"GRPOConfig options {{'{option}': .*LossFn replaces"):
-        tiny_trainer(tmp_path, **{option: value})
+        tiny_trainer(**{option: value})
 
 
 @pytest.mark.slow
 def test_check_runs_against_a_real_trl_1_15(tmp_path):
-    """TRL 1.15 (outside the declared range) installed beside the others: the hooks still fit, so the check warns
-    that the version is untested and names the supported range, and a run's first step passes the backprop check."""
+    """TRL 1.15 (below the declared range) installed beside the others: its hooks still fit our calls, so the check
+    passes them and warns that the version is untested, naming the supported range. (A 1.15 run then fails inside
+    TRL's own fused log-prob path with this torch, which is why the range starts at 1.16.)"""
     target = tmp_path / "trl115"
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), "trl==1.15.0"]
     subprocess.run(pip, check=True, timeout=300)
     script = (
-        "import warnings, trl; from nanopost_trl import compat; from nanopost_trl.config import Preset;"
-        "from nanopost_trl.trainer import Trainer\n"
+        "import warnings, trl\nfrom nanopost_trl import compat\n"
         "assert trl.__version__ == '1.15.0', trl.__version__\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always'); compat.check_trl_hooks()\n"
+        "    warnings.simplefilter('always')\n"
+        "    compat.check_trl_hooks()\n"
         "print([str(w.message) for w in caught])\n"
-        f"Trainer(Preset.TINY_SMOKE.make(num_steps=1, out_dir={str(tmp_path)!r}, run_name='old')).run()\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
