@@ -86,14 +86,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     flat.update({f"loss_args.{k}": _cell(v) for k, v in loss.get("args", {}).items()})
     if "tasks" in raw:
         flat["tasks"] = _cell(raw["tasks"])
+    flat.update({key: _cell(value) for key, value in raw.get("runtime", {}).items()})
     return flat
 
 
 def load(paths: PathLike | Sequence[PathLike]) -> pd.DataFrame:
     """Every run under `paths` (directories, .jsonl files, or a list of either) as one DataFrame.
 
-    A row per (run_name, step), sorted; config fields, `loss_name`, `loss_class`, `loss_args.<field>` and `tasks`
-    (comma-joined) are added as columns. Metric columns win over a config field of the same name.
+    A row per (run_name, step), sorted; config fields, `loss_name`, `loss_class`, `loss_args.<field>`, `tasks`
+    (comma-joined) and the runtime (`num_processes`, `device`, `dtype`, `mixed_precision`, `deepspeed_stage`, `lora`)
+    are added as columns. Metric columns win over a config field of the same name.
     """
     frames = []
     for path in _jsonl_files(paths):

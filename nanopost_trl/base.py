@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,7 +25,7 @@ class LearnerBatch:
     """
 
     policy_logprobs: torch.Tensor  # (B, T), requires grad: log pi_theta of each sampled completion token
-    rollout_logprobs: torch.Tensor  # (B, T): log-probs under the policy that sampled the token (the actor)
+    rollout_logprobs: torch.Tensor  # (B, T): log-probs under the policy that sampled the token (the actor; vLLM's)
     reference_logprobs: torch.Tensor | None  # (B, T) under the frozen reference; None when the loss does not use it
     advantages: torch.Tensor  # (B, 1), broadcastable over tokens
     rewards: torch.Tensor  # (B,)
@@ -43,6 +43,14 @@ class LossFn(abc.ABC):
     A field left at `None` whose name is also a `TrainConfig` field (e.g. `kl_coef`, `max_new_tokens`) is filled in
     from the run's config when training starts.
     """
+
+    # Metric names (as returned, without `loss_`) shown on the per-step console line; every metric is logged anyway.
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # Whether the loss itself corrects for the gap between the sampler's log-probs (`rollout_logprobs`: vLLM's when
+    # TrainConfig.use_vllm) and the learner's, e.g. with an importance ratio against `rollout_logprobs`. False: with
+    # vLLM, the adapter applies TRL's correction, weighting each token's gradient by TRL's truncated or masked
+    # `importance_sampling_ratio` (learner / sampler probability at rollout; `vllm_importance_sampling_mode`).
+    corrects_sampler_mismatch: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, batch: LearnerBatch) -> tuple[torch.Tensor, Metrics]:

@@ -201,6 +201,22 @@ class Preset(enum.Enum):
         return by_name[name.lower()]
 
 
+# What each preset is sized for (shown by `nanopost-trl --list` and `--help`).
+PRESET_HARDWARE = {
+    "TINY_CPU": "2 CPU cores",
+    "TINY_SMOKE": "CPU",
+    "QWEN_0_5B_SMOKE": "CPU or any GPU",
+    "QWEN_0_5B_FAST": "any GPU",
+    "QWEN_1_5B_1xA100": "1x A100 40GB",
+    "QWEN_1_5B_1x80GB": "1x A100/H100 80GB",
+    "GEMMA_1B_1xA100": "1x A100 40GB",
+    "GEMMA_1B_1x80GB": "1x A100/H100 80GB",
+    "QWEN_3B_8xA100": "8x A100 40GB",
+    "QWEN_1_5B_LORA_24GB": "1x 24GB GPU",
+    "QWEN_3B_LORA_24GB": "1x 24GB GPU",
+}
+
+
 def output_paths(cfg: TrainConfig) -> dict[str, Path]:
     """Where a run writes: the per-step log, the config record, and the checkpoint directory."""
     out = Path(cfg.out_dir)

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,9 @@ from nanopost_trl.config import TrainConfig
 from nanopost_trl.evaluation import held_out_accuracy
 from nanopost_trl.utils import read_rows
 
+if TYPE_CHECKING:
+    from trl import GRPOTrainer
+
 # TRL's log keys -> the column names of the run log; other keys keep their name with "/" -> "_".
 RENAMED_KEYS = {
     "reward": "reward_mean",
@@ -31,8 +34,24 @@ RENAMED_KEYS = {
 DROPPED_KEYS = {"epoch", "num_tokens"}
 
 
-def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: Any) -> None:
-    """Record the full TrainConfig, the loss (class and fields), the tasks and package versions."""
+def runtime_info(trainer: GRPOTrainer) -> dict[str, Any]:
+    """What the run actually runs on: processes, device, parameter dtype, mixed precision, DeepSpeed stage, LoRA."""
+    accelerator = trainer.accelerator
+    device = accelerator.device
+    model = accelerator.unwrap_model(trainer.model)
+    return {
+        "num_processes": accelerator.num_processes,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "mixed_precision": accelerator.mixed_precision,
+        "deepspeed_stage": accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "lora": hasattr(model, "peft_config"),
+    }
+
+
+def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: Any, runtime: dict[str, Any]) -> None:
+    """Record the full TrainConfig, the loss (class and fields), the tasks, the runtime (`runtime_info`) and package
+    versions."""
     import accelerate
     import transformers
     import trl
@@ -48,6 +67,7 @@ def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: 
             "args": loss_args,
         },
         "tasks": task_names,
+        "runtime": runtime,
         "versions": {m.__name__: m.__version__ for m in (torch, trl, transformers, accelerate)},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +150,7 @@ class RunLogger(TrainerCallback):
         self.eval_instances = list(eval_instances)
         self.resume = resume
         self.pending_eval: dict[str, float] = {}
+        self.latest_eval: dict[str, float] = {}  # the latest held-out eval and its "step", for the per-step line
         self.eval_before: dict[str, float] = {}
         self.eval_after: dict[str, float] = {}
         self.is_main = trainer.accelerator.is_main_process
@@ -179,6 +200,7 @@ class RunLogger(TrainerCallback):
             self.eval_before = self.evaluate()
             if self.is_main:
                 append_row(self.log_path, {"step": 0, **self.eval_before})
+                self.latest_eval = {"step": 0, **self.eval_before}
                 tqdm.write(_format_eval(0, self.eval_before))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -191,13 +213,11 @@ class RunLogger(TrainerCallback):
         if not self.is_main or not logs or "loss" not in logs:
             return
         row = {**to_row(state.global_step, logs), **self.pending_eval}
+        if self.pending_eval:
+            self.latest_eval = {"step": row["step"], **self.pending_eval}
         self.pending_eval = {}
         append_row(self.log_path, row)
-        tqdm.write(
-            f"step {row['step']:>5}  reward {row.get('reward_mean', float('nan')):.3f}  loss {row['loss']:+.4f}  "
-            f"{row.get('step_time_s', float('nan')):.2f}s"
-            + (f"  | {_format_eval(row['step'], row)}" if any(k.startswith("eval_") for k in row) else "")
-        )
+        tqdm.write(step_line(row, self.trainer.loss_fn.headline_metrics, self.latest_eval))
 
     def summary(self, model_dir: Path | None) -> RunSummary:
         rows = read_rows(self.log_path) if self.log_path.exists() else []
@@ -214,6 +234,26 @@ class RunLogger(TrainerCallback):
             reward_last=sum(rewards[-10:]) / len(rewards[-10:]) if rewards else None,
             final_metrics=rows[-1] if rows else {},
         )
+
+
+def step_line(row: dict[str, Any], headline_metrics: Sequence[str], latest_eval: dict[str, Any]) -> str:
+    """The per-step console line: what tells progress (reward, KL to the reference, the loss's headline metrics,
+    grad norm, completion length, the latest held-out accuracy). The loss value itself is in the run log only: for
+    on-policy GRPO-style surrogates it is ~0 by construction (group-normalised advantages average to zero)."""
+    parts = [f"step {row['step']:>5}", f"reward {row.get('reward_mean', float('nan')):.3f}"]
+    kl = row.get("loss_kl_ref", row.get("loss_kl"))
+    if kl is not None:
+        parts.append(f"kl {kl:.4f}")
+    parts += [f"{name} {row[f'loss_{name}']:.3f}" for name in headline_metrics if f"loss_{name}" in row]
+    parts += [f"grad {row.get('grad_norm', float('nan')):.3f}", f"len {row.get('response_len_mean', float('nan')):.1f}"]
+    accuracies = [
+        f"{key.removeprefix('eval_').removesuffix('_accuracy')} {value:.1%}"
+        for key, value in latest_eval.items()
+        if key.startswith("eval_") and key.endswith("_accuracy")
+    ]
+    if accuracies:
+        parts.append(f"held-out {', '.join(accuracies)} @{latest_eval['step']}")
+    return "  ".join(parts) + f"  {row.get('step_time_s', float('nan')):.2f}s"
 
 
 def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:

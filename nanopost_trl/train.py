@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import field
@@ -19,9 +20,12 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from nanopost_trl.config import Preset, TrainConfig
+from nanopost_trl.config import PRESET_HARDWARE, Preset, TrainConfig
 from nanopost_trl.losses import Loss
-from nanopost_trl.tasks import get_task_loader, task_names
+from nanopost_trl.tasks import get_task_loader, task_names, task_source
+from nanopost_trl.tasks.custom import HubDataUnavailable
+
+USAGE = "nanopost-trl [--preset NAME] [--loss NAME] [--tasks NAME,...] [--config run.yaml] [--FIELD VALUE ...] [--list]"
 
 
 @dataclasses.dataclass
@@ -65,7 +69,12 @@ def preset_name(argv: Sequence[str]) -> str:
 
 
 def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
-    parser = TrlParser((TrainConfig, RunArgs), description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = TrlParser(
+        (TrainConfig, RunArgs),
+        usage=USAGE,
+        description=f"{__doc__}\n{listing()}",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     try:
         preset = Preset.from_name(preset_name(argv))
     except ValueError as error:
@@ -86,14 +95,20 @@ def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
 
 
 def listing() -> str:
-    presets = "\n".join(
-        f"  {p.name:<22} {p.value['model']}  steps={p.value['num_steps']} "
-        f"prompts={p.value['prompts_per_step']}x{p.value['responses_per_prompt']} "
-        f"max_new_tokens={p.value['max_new_tokens']}"
+    """The presets with their hardware, the losses with one line each, the tasks with their source: one screen."""
+    presets = [
+        f"  {p.name:<20} {PRESET_HARDWARE[p.name]:<18} {p.value['model']:<28} "
+        f"{p.value['prompts_per_step']}x{p.value['responses_per_prompt']} completions/step, "
+        f"max_new_tokens {p.value['max_new_tokens']}"
         for p in Preset
+    ]
+    losses = [f"  {m.name.lower():<8} {inspect.getmodule(m.value).__doc__.splitlines()[0]}" for m in Loss]
+    tasks = [f"  {name:<10} {task_source(name)}" for name in task_names()]
+    return "\n".join(
+        ["presets (--preset NAME):", *presets]
+        + ["losses (--loss NAME --loss_args field=value,...):", *losses]
+        + ["tasks (--tasks NAME,NAME):", *tasks]
     )
-    losses = "\n".join(f"  {m.name.lower():<8} {m.value.__name__}" for m in Loss)
-    return f"presets:\n{presets}\nlosses:\n{losses}\ntasks:\n  " + "\n  ".join(task_names())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -113,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from nanopost_trl.trainer import Trainer
 
-    summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
+    try:
+        summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
+    except HubDataUnavailable as error:  # tasks load before the model: one line, no traceback
+        sys.exit(f"nanopost-trl: error: {error}")
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -4,7 +4,8 @@ Read top to bottom:
 1. `RewardAdapter` turns a `RewardFn` over `TaskInstance`s into a TRL reward function (dataset rows carry an index).
 2. `NanopostGRPOTrainer` subclasses `GRPOTrainer` at three hooks: `_calculate_rewards` (keep the gathered rewards),
    `_generate_and_score_completions` (advantages from the loss's estimator over whole groups), and `_compute_loss`
-   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does).
+   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does); `nanopost_trl.compat`
+   checks at start-up that TRL still has them, and on the first step that the LossFn's loss is back-propagated.
 3. `Trainer(cfg).run(loss_fn, tasks)` loads the model, builds the dataset, trains, evaluates, and returns a summary.
 """
 
@@ -28,12 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from nanopost_trl import base, hub, rewards
+from nanopost_trl import base, compat, hub, rewards
 from nanopost_trl.config import TrainConfig, output_paths, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
-from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, write_run_config
-from nanopost_trl.tasks import resolve_tasks
+from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, runtime_info, write_run_config
+from nanopost_trl.tasks import resolve_tasks, tasks_label
 
 REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
 
@@ -101,7 +102,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self._gathered_rewards: torch.Tensor | None = None
         self._actor_params: list[torch.Tensor] = []  # the actor's copy of the trainable weights (sync_interval > 1)
         self._actor_synced_at = 0
+        self._backprop_check = compat.BackpropCheck()
+        compat.check_trl_hooks()
+        compat.silence_known_warnings()
         super().__init__(*args, **kwargs)
+        compat.refuse_loss_side_options(self)
         if (
             cfg.sync_interval > 1
             and self.is_deepspeed_enabled
@@ -218,10 +223,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:  # multi-turn tool calls: tool output tokens carry no loss
             mask = mask * inputs["tool_mask"]
-        rollout_logprobs = inputs.get("old_per_token_logps")
+        learner_logprobs = inputs.get("old_per_token_logps")
+        rollout_logprobs = policy_logprobs.detach() if learner_logprobs is None else learner_logprobs
+        if "sampling_per_token_logps" in inputs:  # vLLM's own; a token it could not score (NaN) keeps the learner's
+            sampler_logprobs = inputs["sampling_per_token_logps"]
+            rollout_logprobs = torch.where(sampler_logprobs.isnan(), rollout_logprobs, sampler_logprobs)
         return base.LearnerBatch(
             policy_logprobs=policy_logprobs,
-            rollout_logprobs=policy_logprobs.detach() if rollout_logprobs is None else rollout_logprobs,
+            rollout_logprobs=rollout_logprobs,
             reference_logprobs=inputs.get("ref_per_token_logps"),
             advantages=inputs["advantages"].unsqueeze(1),
             rewards=inputs["rewards"],
@@ -254,6 +263,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         policy_logprobs, entropies = self._policy_logprobs(model, inputs)
+        if "importance_sampling_ratio" in inputs and not self.loss_fn.corrects_sampler_mismatch:
+            policy_logprobs = compat.sampler_corrected(policy_logprobs, inputs["importance_sampling_ratio"])
         batch = self._learner_batch(inputs, policy_logprobs)
         loss, metrics = self.loss_fn(batch)
         if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights
@@ -270,7 +281,12 @@ class NanopostGRPOTrainer(GRPOTrainer):
             }
         )
         normalizer = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
-        return loss / normalizer
+        return self._backprop_check.watch(loss / normalizer)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._backprop_check.verify()  # once: the LossFn's loss was the one back-propagated
+        return loss
 
     def _checked_loss(self, loss: Any, policy_logprobs: torch.Tensor) -> torch.Tensor:
         """The loss if it is a finite scalar tensor with grad; else a clear error (or a skipped step)."""
@@ -372,10 +388,9 @@ class Trainer:
             raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
         loss_fn = fill_from_config(loss_fn or GRPOLoss(), cfg)
         if cfg.run_name is None:
-            task_label = tasks if isinstance(tasks, str) else "custom"
             cfg = self.cfg = dataclasses.replace(
                 cfg,
-                run_name=f"{type(loss_fn).__name__.removesuffix('Loss').lower()}-{task_label}-s{cfg.seed}-"
+                run_name=f"{type(loss_fn).__name__.removesuffix('Loss').lower()}-{tasks_label(tasks)}-s{cfg.seed}-"
                 f"{time.strftime('%Y%m%d-%H%M%S')}",
             )
         set_seed(cfg.seed)
@@ -405,7 +420,7 @@ class Trainer:
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(QuietProgressCallback)
         if trainer.accelerator.is_main_process:
-            write_run_config(paths["config"], cfg, loss_fn, tasks)
+            write_run_config(paths["config"], cfg, loss_fn, tasks, runtime_info(trainer))
         trainer.train(resume_from_checkpoint=latest_checkpoint(paths["checkpoints"]) if resume is True else resume)
         self.grpo_trainer = trainer  # kept for inspection after the run (model, ref_model, state)
         main = trainer.accelerator.is_main_process

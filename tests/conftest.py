@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from nanopost_trl.assets import TINY_MODEL_PATH
 
@@ -48,3 +48,38 @@ def random_model_dir(tmp_path_factory, tokenizer):
     random_qwen2(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path):
+    """`tiny_trainer(trainer_class=NanopostGRPOTrainer, loss_fn=GRPOLoss(kl_coef=0.0), **grpo_options)`: a TINY_SMOKE
+    trainer on the embedded model (2 prompts x 4 completions a step, rewarded by completion length), with GRPOConfig
+    options overridden."""
+    from nanopost_trl.config import Preset, to_grpo_config
+    from nanopost_trl.losses import GRPOLoss
+    from nanopost_trl.tasks import resolve_tasks
+    from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+
+    def completion_length_reward(completions: list[str], instances: list) -> list[float]:
+        return [float(len(completion)) for completion in completions]
+
+    def make(trainer_class: type = NanopostGRPOTrainer, loss_fn=None, **grpo_options) -> NanopostGRPOTrainer:
+        cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="tiny", num_steps=1)
+        args = to_grpo_config(cfg, num_processes=1, uses_reference=False)
+        for name, value in grpo_options.items():
+            setattr(args, name, value)
+        instances = resolve_tasks("addition", "train")[:16]
+        return trainer_class(
+            model=AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH),
+            reward_funcs=[
+                RewardAdapter(lambda completions, instances: [float(len(c)) for c in completions], instances)
+            ],
+            args=args,
+            train_dataset=build_dataset(instances),
+            processing_class=AutoTokenizer.from_pretrained(TINY_MODEL_PATH, padding_side="left"),
+            loss_fn=loss_fn or GRPOLoss(kl_coef=0.0),
+            instances=instances,
+            cfg=cfg,
+        )
+
+    return make

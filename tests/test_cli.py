@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from nanopost_trl.config import Preset, TrainConfig
+from nanopost_trl import analysis
+from nanopost_trl.config import PRESET_HARDWARE, Preset, TrainConfig
+from nanopost_trl.losses import Loss
 from nanopost_trl.train import parse, parse_loss_args
 
 
@@ -42,8 +48,14 @@ def test_loss_args_parse_python_literals():
         parse_loss_args("eta")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanopost_trl.train", *args], capture_output=True, text=True)
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nanopost_trl.train", *args],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
+    )
 
 
 def test_help_documents_every_field():
@@ -72,11 +84,52 @@ def test_bad_names_exit_with_the_valid_ones(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_list_prints_presets_losses_tasks():
-    result = run_cli("--list")
-    assert result.returncode == 0
-    for name in ("TINY_CPU", "QWEN_3B_8xA100", "kondo", "maxrl", "gsm8k", "countdown"):
-        assert name in result.stdout
+def test_list_and_help_show_presets_with_hardware_losses_and_task_sources_in_one_screen():
+    listing = run_cli("--list")
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) <= 40
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("  ")}
+    assert set(PRESET_HARDWARE) == {preset.name for preset in Preset}
+    for preset in Preset:
+        assert PRESET_HARDWARE[preset.name] in lines[preset.name] and preset.value["model"] in lines[preset.name]
+    for loss in Loss:
+        assert inspect.getmodule(loss.value).__doc__.splitlines()[0] in lines[loss.name.lower()]
+    assert "embedded" in lines["addition"] and "generated" in lines["countdown"]
+    assert "openai/gsm8k" in lines["gsm8k"] and "NANOPOST_MATH_DIR" in lines["math"]
+
+    first_screen = "\n".join(run_cli("--help").stdout.splitlines()[:45])
+    assert listing.stdout.strip() in first_screen
+
+
+def test_default_run_is_named_after_its_tasks_prints_progress_not_the_loss_and_records_the_runtime(tmp_path):
+    """`nanopost-trl` as a new user runs it (TINY_SMOKE for time): run name, per-step line, warnings, config."""
+    result = run_cli("--preset", "TINY_SMOKE", "--out_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (log,) = tmp_path.glob("*.jsonl")
+    assert log.name.startswith("grpo-addition-s0-")
+    step_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 2
+    for line in step_lines:  # what tells progress; the loss (~0 by construction on-policy) is in the log only
+        for part in ("reward ", "clipfrac ", "grad ", "len ", "held-out addition "):
+            assert part in line, (part, line)
+        assert "loss" not in line
+    assert all("loss" in json.loads(row) for row in log.read_text().splitlines()[1:])
+    assert "Warning" not in result.stderr, result.stderr  # e.g. transformers' is_gradient_checkpointing FutureWarning
+
+    runtime = json.loads(log.with_name(f"{log.stem}-config.json").read_text())["runtime"]
+    expected = {"num_processes": 1, "device": "cpu", "dtype": "float32", "mixed_precision": "no", "lora": False}
+    assert runtime == {**expected, "deepspeed_stage": None}
+    frame = analysis.load(tmp_path)
+    assert (frame[list(expected)] == pd.Series(expected)).all().all() and frame["deepspeed_stage"].isna().all()
+
+
+@pytest.mark.parametrize(("task", "env_var"), [("gsm8k", "NANOPOST_GSM8K_DIR"), ("math", "NANOPOST_MATH_DIR")])
+def test_offline_hub_task_says_in_one_line_what_to_do_before_any_model_loads(tmp_path, task, env_var):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("--tasks", task, "--model", str(tmp_path / "no-model"), env=offline, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("nanopost-trl: error: could not load the dataset") and "Hugging Face Hub" in line
+    assert "--data_dir DIR" in line and env_var in line and "train.jsonl and test.jsonl" in line
 
 
 def test_smoke_run_from_the_command_line(tmp_path):

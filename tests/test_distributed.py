@@ -13,7 +13,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *args]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]  # as the README
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -25,6 +26,7 @@ def test_two_process_cli_run_logs_each_step_once(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ddp.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert result.stdout.count("held-out greedy accuracy") == 1  # the summary prints on the main process only
+    assert "FutureWarning" not in result.stderr and "were not passed to `accelerate launch`" not in result.stderr
 
 
 def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_processes(tmp_path):

@@ -14,9 +14,11 @@ import datasets
 import pandas as pd
 import pytest
 
+from nanopost_trl.base import TaskInstance
 from nanopost_trl.rewards import grader_stats, safe_grade
-from nanopost_trl.tasks import countdown, from_dataset, get_task_loader, gsm8k, resolve_tasks
+from nanopost_trl.tasks import countdown, from_dataset, get_task_loader, gsm8k, resolve_tasks, tasks_label
 from nanopost_trl.tasks import math as math_task
+from nanopost_trl.tasks.custom import HubDataUnavailable
 from nanopost_trl.tasks.graders import (
     BOXED_INSTRUCTION,
     extract_number,
@@ -377,3 +379,16 @@ def test_from_dataset_jsonl_row_missing_a_key_names_the_row(tmp_path):
     write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": 1}, {"prompt": "q"}])
     with pytest.raises(ValueError, match="row 1: answer is None"):
         from_dataset(tmp_path / "rows.jsonl")
+
+
+def test_runs_are_labelled_by_their_task_names_and_custom_only_for_instances():
+    assert tasks_label("addition") == "addition"
+    assert tasks_label(["addition"]) == "addition"  # the CLI passes a list of names
+    assert tasks_label(["gsm8k", "math"]) == "gsm8k+math"
+    assert tasks_label([TaskInstance(name="mine", prompt="1+1?", eval_fn=lambda completion: 0.0)]) == "custom"
+
+
+def test_from_dataset_with_an_unreachable_hub_id_says_to_pass_local_files(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubDataUnavailable, match=r"could not load the dataset 'someone/answers' .*local \.jsonl"):
+        from_dataset("someone/answers")

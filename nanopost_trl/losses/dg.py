@@ -30,6 +30,8 @@ from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_
 
 @dataclasses.dataclass
 class DGLoss(base.LossFn):
+    headline_metrics = ("gate_mean",)
+
     eta: float = 1.0  # gate temperature
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"

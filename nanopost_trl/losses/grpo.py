@@ -24,6 +24,9 @@ from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
 
 @dataclasses.dataclass
 class GRPOLoss(base.LossFn):
+    headline_metrics = ("clipfrac",)
+    corrects_sampler_mismatch = True  # r_t is against the sampler's log-probs (behaviour policy); the clip bounds it
+
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float | None = None  # None: TrainConfig.kl_coef

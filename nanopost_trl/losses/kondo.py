@@ -32,6 +32,8 @@ from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_
 
 @dataclasses.dataclass
 class KondoLoss(base.LossFn):
+    headline_metrics = ("kept_frac",)
+
     keep_frac: float = 0.1  # fraction of candidates (valid tokens or completions) that pay for a backward pass
     unit: Literal["token", "sequence"] = "token"  # what the gate keeps or drops
     kl_coef: float | None = None  # None: TrainConfig.kl_coef

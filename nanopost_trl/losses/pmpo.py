@@ -35,6 +35,8 @@ from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
 
 @dataclasses.dataclass
 class PMPOLoss(base.LossFn):
+    headline_metrics = ("accepted_frac",)
+
     alpha: float = 0.5  # weight on accepted samples; 1 - alpha on rejected ones
     threshold: float | None = None  # None: accept above the group mean; a float: accept iff reward >= threshold
     kl_coef: float | None = None  # None: TrainConfig.kl_coef

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Protocol
 
 from nanopost_trl.base import TaskInstance
@@ -32,10 +33,26 @@ def task_names() -> list[str]:
     return sorted(TASK_MODULES)
 
 
-def get_task_loader(name: str) -> TaskLoader:
+def _task_module(name: str) -> ModuleType:
     if name not in TASK_MODULES:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(task_names())}")
-    return importlib.import_module(f"nanopost_trl.tasks.{TASK_MODULES[name]}").load
+    return importlib.import_module(f"nanopost_trl.tasks.{TASK_MODULES[name]}")
+
+
+def get_task_loader(name: str) -> TaskLoader:
+    return _task_module(name).load
+
+
+def task_source(name: str) -> str:
+    """Where a task's data comes from, in a few words (each task module's `SOURCE`)."""
+    return _task_module(name).SOURCE
+
+
+def tasks_label(tasks: str | Sequence[str] | Sequence[TaskInstance]) -> str:
+    """The tasks as a run-name part: "addition", "gsm8k+math"; "custom" for a list of TaskInstance."""
+    if isinstance(tasks, str):
+        return tasks
+    return "+".join(tasks) if all(isinstance(task, str) for task in tasks) else "custom"
 
 
 def resolve_tasks(

@@ -17,6 +17,7 @@ import random
 from nanopost_trl.base import TaskInstance
 
 NAME = "addition"
+SOURCE = "embedded, offline (the tiny model's task)"
 SPLITS = ("train", "test")
 SEED = 0
 TEST_SIZE = 1000

@@ -12,6 +12,7 @@ from nanopost_trl.tasks.addition import operand_pairs
 from nanopost_trl.tasks.graders import AnswerGrader, grade_numeric
 
 NAME = "arithmetic"
+SOURCE = "generated offline (natural-language questions, for real instruct LLMs)"
 
 
 def question(a: int, b: int) -> str:

@@ -18,6 +18,7 @@ from fractions import Fraction
 
 from nanopost_trl.base import Prompt, TaskInstance
 
+SOURCE = "generated offline from seeds"
 SIZES = {"train": 10_000, "test": 500}
 FIRST_SEED = {"train": 0, "test": 1_000_000}
 MAX_EQUATION_CHARS = 200  # an equation over 4 two-digit numbers fits in far less; also bounds ast.parse's work

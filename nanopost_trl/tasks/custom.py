@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets.exceptions import DatasetNotFoundError
 
 from nanopost_trl.base import TaskInstance
 from nanopost_trl.tasks.graders import GRADERS, AnswerGrader, extract_number, require_math_verify
@@ -42,9 +43,22 @@ def split_files(directory: Path, split: str, config: str | None = None) -> list[
     )
 
 
-def load_rows(source: datasets.Dataset | str | os.PathLike, split: str, config: str | None = None) -> datasets.Dataset:
+class HubDataUnavailable(ConnectionError):
+    """A Hub dataset could not be loaded (offline, unreachable, or no such dataset); the message says what to do."""
+
+
+LOCAL_DATA_HINT = "pass a local .jsonl/.json/.parquet file, or a directory in the Hub dataset's layout, instead"
+
+
+def load_rows(
+    source: datasets.Dataset | str | os.PathLike,
+    split: str,
+    config: str | None = None,
+    offline_hint: str = LOCAL_DATA_HINT,
+) -> datasets.Dataset:
     """The rows of `split` from a Dataset (returned as is), a local file (all of it), a local directory (the files
-    `split_files` finds), or a Hub dataset id with an optional `config`. A `Path` must exist locally."""
+    `split_files` finds), or a Hub dataset id with an optional `config`. A `Path` must exist locally. A Hub id that
+    cannot be loaded raises `HubDataUnavailable`: one line saying what failed, then `offline_hint`."""
     if isinstance(source, datasets.Dataset):
         return source
     path = Path(source).expanduser()
@@ -54,18 +68,37 @@ def load_rows(source: datasets.Dataset | str | os.PathLike, split: str, config: 
         return datasets.load_dataset(_builder(files), data_files=data_files, split=split)
     if isinstance(source, os.PathLike):
         raise FileNotFoundError(f"{source} does not exist")
-    return datasets.load_dataset(str(source), config, split=split)
+    try:
+        return datasets.load_dataset(str(source), config, split=split)
+    except (ConnectionError, DatasetNotFoundError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubDataUnavailable(
+            f"could not load the dataset {str(source)!r} from the Hugging Face Hub ({reason}); {offline_hint}"
+        ) from None
 
 
 def load_task_split(
-    name: str, split: str, data_dir: str | None, env_var: str, hub_id: str, config: str | None = None
+    name: str,
+    split: str,
+    data_dir: str | None,
+    env_var: str,
+    hub_id: str,
+    columns: str,
+    config: str | None = None,
 ) -> tuple[datasets.Dataset, Path | str]:
-    """A task's "train" or "test" rows from `data_dir`, else $`env_var`, else the Hub; and where they came from."""
+    """A task's "train" or "test" rows from `data_dir`, else $`env_var`, else the Hub; and where they came from.
+    `columns` (e.g. "question, answer") is named in the error that says how to run offline."""
     if split not in ("train", "test"):
         raise ValueError(f"{name} has splits ('train', 'test'), not {split!r}")
     local_dir = data_dir or os.environ.get(env_var)
     source = Path(local_dir) if local_dir else hub_id
-    return load_rows(source, split, config=config), source
+    shard = f"{config}/" if config else ""
+    offline_hint = (
+        f"to train on {name} offline, pass --data_dir DIR (TrainConfig.data_dir) or set {env_var}=DIR, where DIR "
+        f"holds train.jsonl and test.jsonl (or {shard}train-00000-of-00001.parquet and {shard}test-00000-of-00001"
+        f".parquet) with columns {columns}"
+    )
+    return load_rows(source, split, config=config, offline_hint=offline_hint), source
 
 
 def require_columns(rows: datasets.Dataset, columns: tuple[str, ...], source: object) -> None:

@@ -17,6 +17,7 @@ from nanopost_trl.tasks.graders import after_marker, boxed_prompt
 HUB_ID = "openai/gsm8k"
 CONFIG = "main"
 ENV_VAR = "NANOPOST_GSM8K_DIR"
+SOURCE = f"datasets: {HUB_ID} (offline: --data_dir or ${ENV_VAR})"
 
 
 def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
     """GSM8K instances for "train" or "test", from `data_dir`, $NANOPOST_GSM8K_DIR or the Hub."""
-    rows, source = load_task_split("gsm8k", split, data_dir, ENV_VAR, HUB_ID, config=CONFIG)
+    rows, source = load_task_split("gsm8k", split, data_dir, ENV_VAR, HUB_ID, "question, answer", config=CONFIG)
     require_columns(rows, ("question", "answer"), source)
     rows = rows.map(_task_row, with_indices=True)
     return from_dataset(rows, prompt_column="prompt", answer_column="final_answer", grader="numeric", name="gsm8k")

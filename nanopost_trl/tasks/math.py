@@ -16,6 +16,7 @@ from nanopost_trl.tasks.graders import boxed_prompt, last_boxed
 
 HUB_ID = "DigitalLearningGmbH/MATH-lighteval"
 ENV_VAR = "NANOPOST_MATH_DIR"
+SOURCE = f"datasets: {HUB_ID} (offline: --data_dir or ${ENV_VAR})"
 
 
 def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def _task_row(row: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
     """MATH instances for "train" or "test", from `data_dir`, $NANOPOST_MATH_DIR or the Hub."""
-    rows, source = load_task_split("math", split, data_dir, ENV_VAR, HUB_ID)
+    rows, source = load_task_split("math", split, data_dir, ENV_VAR, HUB_ID, "problem, solution (or answer)")
     answer_column = "answer" if "answer" in rows.column_names else "solution"
     require_columns(rows, ("problem", answer_column), source)
     rows = rows.map(_task_row, with_indices=True)
