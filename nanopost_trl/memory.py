@@ -23,6 +23,7 @@ checked against measured runs in `benchmarks/memory_validation.py` and `tests/te
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -248,9 +249,9 @@ def logprob_pass_bytes(shape: ModelShape, positions: int, nbytes: int, path: str
     TRL's fused LM head (`path="triton"` on GPUs, `"torch"` elsewhere) keeps a tile buffer of at most 4096 positions
     x 32768 vocabulary entries and the fp32 gradients of the hidden states and the LM head; its torch fallback
     (CPU) also allocates about 7.25 tile-sized fp32 temporaries in the backward (measured). `"materialized"`: the
-    full fp32 logits, their log-softmax and its gradient, `positions x vocab` each (TRL before its fused head)."""
+    full fp32 logits, their log-softmax and its gradient, `positions x vocab` each, and the LM head's gradient (TRL before its fused head)."""
     if path == "materialized":
-        return 3 * positions * shape.vocab_size * 4
+        return 3 * positions * shape.vocab_size * 4 + shape.vocab_size * shape.hidden_size * nbytes
     tokens = min(positions, _FUSED_TOKENS)
     fused = (
         tokens * _FUSED_VOCAB * nbytes + positions * shape.hidden_size * 4 + shape.vocab_size * shape.hidden_size * 4
@@ -318,9 +319,15 @@ def estimate(
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * per_process * seq_len * nbytes
     prefill_layer = per_process * prompt_tokens * (2 * shape.hidden_size + 3 * shape.intermediate_size) * nbytes
     parts["KV cache"] = kv
-    parts["generation transient"] = max(prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4)
-    parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing)
     positions = micro * (cfg.max_new_tokens if on_gpu else seq_len - 1)
+    # no-grad log-prob passes after sampling (reference, actor under staleness): the fused head's forward tile
+    fallback = 0 if on_gpu else 3 * 4 * min(shape.vocab_size, _FUSED_VOCAB)  # the torch fallback's fp32 temporaries
+    tile_forward = min(positions, _FUSED_TOKENS) * (_FUSED_VOCAB * nbytes + fallback)
+    scored = uses_reference or cfg.sync_interval > 1 or cfg.num_iterations > 1
+    parts["generation transient"] = max(
+        prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, tile_forward if scored else 0
+    )
+    parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing)
     path = "materialized" if materialized_logits else "triton" if on_gpu else "torch"
     parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path)
 
@@ -419,11 +426,12 @@ def measure_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
     """(peak bytes allocated by torch on CPU while `fn` runs, above what was allocated before; fn's result).
 
     Torch's own accounting: the profiler's allocation records (every allocation and free of the CPU allocator),
-    summed in time order. The profiler records the calling thread only, so transformers' threaded weight loading is
-    switched off (`HF_DEACTIVATE_ASYNC_LOAD`) while `fn` runs.
+    summed in time order (garbage is collected first). The profiler records the calling thread only, so
+    transformers' threaded weight loading is switched off (`HF_DEACTIVATE_ASYNC_LOAD`) while `fn` runs.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # garbage from before would be freed inside the window, below its start
     previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     try:
