@@ -249,7 +249,8 @@ def logprob_pass_bytes(shape: ModelShape, positions: int, nbytes: int, path: str
     TRL's fused LM head (`path="triton"` on GPUs, `"torch"` elsewhere) keeps a tile buffer of at most 4096 positions
     x 32768 vocabulary entries and the fp32 gradients of the hidden states and the LM head; its torch fallback
     (CPU) also allocates about 7.25 tile-sized fp32 temporaries in the backward (measured). `"materialized"`: the
-    full fp32 logits, their log-softmax and its gradient, `positions x vocab` each, and the LM head's gradient (TRL before its fused head)."""
+    full fp32 logits, their log-softmax and its gradient, `positions x vocab` each, and the LM head's gradient
+    (TRL before its fused head)."""
     if path == "materialized":
         return 3 * positions * shape.vocab_size * 4 + shape.vocab_size * shape.hidden_size * nbytes
     tokens = min(positions, _FUSED_TOKENS)
