@@ -31,60 +31,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, Preset
+from nanopost_trl.config import Preset
+from nanopost_trl.memory import KNOWN_ARCHITECTURES, PRESET_TARGETS
 from nanopost_trl.trainer import Trainer
 from nanopost_trl.utils import read_rows
 
-# The shapes of each checkpoint's config.json on the Hugging Face hub (huggingface.co/<id>/blob/main/config.json),
-# checked against public copies of those files and the model cards (Qwen2.5: 0.49B / 1.54B / 3.09B parameters).
-# transformers 5 keeps rope_theta in `rope_parameters`; Gemma 3 has one per attention type (rope_local_base_freq
-# 10000 for sliding layers, rope_theta 1e6 for global ones). Gemma's `layer_types` is left to transformers' default,
-# a global layer every 6th, i.e. the checkpoint's sliding_window_pattern 6.
-_QWEN2_5 = dict(
-    model_type="qwen2",
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-)
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    QWEN_0_5B: dict(_QWEN2_5, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, intermediate_size=4864),
-    QWEN_1_5B: dict(_QWEN2_5, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960),
-    QWEN_3B: dict(_QWEN2_5, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, intermediate_size=11008),
-    GEMMA_1B: dict(  # Gemma3ForCausalLM over a Gemma3TextConfig
-        model_type="gemma3_text",
-        hidden_size=1152,
-        num_hidden_layers=26,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        intermediate_size=6912,
-        vocab_size=262144,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256,
-        sliding_window=512,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-        },
-    ),
-}
+ARCHITECTURES = KNOWN_ARCHITECTURES  # each model's exact public shapes (nanopost_trl/memory.py)
 SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
 GPU_PRESETS = [preset.name for preset in Preset if preset.value["model"] in ARCHITECTURES]
-# The GPUs a preset is written for: (number of GPUs, GiB each). Unlisted presets have no target.
-TARGETS: dict[str, tuple[int, int]] = {
-    "QWEN_1_5B_1xA100": (1, 40),
-    "QWEN_1_5B_1x80GB": (1, 80),
-    "GEMMA_1B_1xA100": (1, 40),
-    "GEMMA_1B_1x80GB": (1, 80),
-    "QWEN_3B_8xA100": (8, 40),  # the smaller A100: a fit there is a fit on the 80 GB one
-    "QWEN_1_5B_LORA_24GB": (1, 24),
-    "QWEN_3B_LORA_24GB": (1, 24),
-}
+TARGETS = PRESET_TARGETS  # (number of GPUs, GiB each) per preset; unlisted presets have no target
 MAX_TARGET_FRACTION = 0.9
 SPECIAL_TOKENS = ["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"]  # pad 0, eos 1, bos 2: Gemma's ids too
 ROLE_WORDS = ["system", "user", "assistant"]

@@ -38,6 +38,18 @@ class RunArgs:
     tasks: str = field(default="addition", metadata={"help": "Comma-separated task names."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."})
     list: bool = field(default=False, metadata={"help": "Print presets, losses and tasks, then exit."})
+    estimate: bool = field(
+        default=False, metadata={"help": "Print the predicted peak memory per process and the verdict, then exit."}
+    )
+    device_gb: float | None = field(
+        default=None,
+        metadata={"help": "--estimate: device size in GiB (default: the visible GPU's, else the preset's)."},
+    )
+    num_processes: int | None = field(
+        default=None, metadata={"help": "--estimate: processes (default: this launch's, else the preset's target)."}
+    )
+    zero_stage: int | None = field(default=None, metadata={"help": "--estimate: DeepSpeed ZeRO stage: 0 (none), 2, 3."})
+    prompt_tokens: int = field(default=256, metadata={"help": "--estimate: the longest prompt in tokens."})
 
 
 def parse_loss_args(text: str) -> dict[str, Any]:
@@ -111,6 +123,27 @@ def listing() -> str:
     )
 
 
+def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -> str:
+    """`--estimate`: the memory breakdown and verdict; the device, processes and ZeRO stage default to this launch's
+    (a visible GPU, accelerate's environment), else to the preset's target device."""
+    from nanopost_trl import memory
+
+    target_processes, target_gb = memory.PRESET_TARGETS.get(Preset.from_name(run_args.preset).name, (None, None))
+    launch_processes, launch_stage = memory.launch_setting()
+    processes = run_args.num_processes or (launch_processes if launch_processes > 1 else target_processes or 1)
+    device_gb = run_args.device_gb or memory.visible_device_gb() or target_gb
+    result = memory.estimate(
+        cfg,
+        num_processes=processes,
+        zero_stage=launch_stage if run_args.zero_stage is None else run_args.zero_stage,
+        device_gb=device_gb,
+        uses_reference=uses_reference,
+        prompt_tokens=run_args.prompt_tokens,
+        on_gpu=device_gb is not None,  # a device size means a GPU: TRL's Triton log-prob kernel
+    )
+    return result.report()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, run_args, parser = parse(argv)
@@ -124,6 +157,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             get_task_loader(name)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
+    if run_args.estimate:
+        from nanopost_trl.trainer import fill_from_config
+
+        try:
+            print(estimate_report(cfg, run_args, fill_from_config(loss_fn, cfg).uses_reference))
+        except ValueError as error:
+            parser.error(str(error))
+        return
     resume = True if run_args.resume == "latest" else run_args.resume
 
     from nanopost_trl.trainer import Trainer

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from nanopost_trl import base, compat, hub, rewards
+from nanopost_trl import base, compat, hub, memory, rewards
 from nanopost_trl.config import TrainConfig, output_paths, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
@@ -387,6 +387,7 @@ class Trainer:
         if not isinstance(loss_fn, base.LossFn | type(None)):
             raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
         loss_fn = fill_from_config(loss_fn or GRPOLoss(), cfg)
+        memory.warn_if_over_device(cfg, loss_fn.uses_reference)  # on a GPU: the planner's verdict before loading
         if cfg.run_name is None:
             cfg = self.cfg = dataclasses.replace(
                 cfg,

