@@ -93,7 +93,20 @@ class TrainConfig:
         default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
     )
     # --- memory / precision
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU)."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "bfloat16 mixed precision: bf16 compute (autocast) over fp32 master weights. On a CPU without "
+            "native bf16 (AVX512-BF16/AMX) the run falls back to fp32 and says so."
+        },
+    )
+    bf16_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Store the weights in bf16 too (no fp32 master copy; needs bf16): half the weight, gradient and "
+            "AdamW memory, but updates below half a bf16 ulp round away (at lr 1e-5 most do: benchmarks/RESULTS.md)."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (colocate mode; GPU only)."})
     # --- LoRA (peft); lora_r = 0 trains all weights
@@ -115,6 +128,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.responses_per_prompt must be >= 2: advantages are relative to the group")
         if self.sync_interval < 1:
             raise ValueError(f"TrainConfig.sync_interval must be >= 1, got {self.sync_interval}")
+        if self.bf16_weights and not self.bf16:
+            raise ValueError("TrainConfig.bf16_weights=True needs bf16=True (bf16 weights run bf16 compute)")
         if self.eval_pass_k == 1 or self.eval_pass_k < 0:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
 
@@ -169,6 +184,19 @@ class Preset(enum.Enum):
         learning_rate=1e-4,
         eval_size=16,
     )
+    SMOLLM_CPU = dict(  # a real instruct LLM on 2 CPU cores (the `smollm` extra); measured in benchmarks/RESULTS.md
+        model="smollm2-135m-instruct",
+        num_steps=10,
+        prompts_per_step=16,
+        responses_per_prompt=8,
+        micro_batch_size=32,
+        max_new_tokens=12,
+        learning_rate=1e-5,
+        lr_schedule="constant",
+        bf16=True,
+        eval_every=5,
+        eval_size=200,
+    )
     QWEN_0_5B_SMOKE = dict(
         model=QWEN_0_5B,
         num_steps=2,
@@ -205,6 +233,7 @@ class Preset(enum.Enum):
 PRESET_HARDWARE = {
     "TINY_CPU": "2 CPU cores",
     "TINY_SMOKE": "CPU",
+    "SMOLLM_CPU": "2 CPU cores",
     "QWEN_0_5B_SMOKE": "CPU or any GPU",
     "QWEN_0_5B_FAST": "any GPU",
     "QWEN_1_5B_1xA100": "1x A100 40GB",

@@ -231,10 +231,6 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _dtype_bytes(cfg: TrainConfig) -> int:
-    return 2 if cfg.bf16 else 4
-
-
 def activation_bytes(shape: ModelShape, sequences: int, seq_len: int, nbytes: int, checkpointing: bool) -> int:
     """Saved activations of a grad-carrying forward over `sequences x seq_len` tokens (one layer recomputed at a
     time under gradient checkpointing, with each layer's input kept)."""
@@ -280,8 +276,8 @@ def estimate(
 
     `uses_reference`: whether the loss reads reference log-probs (default: `cfg.kl_coef > 0`, the built-in losses'
     rule). `prompt_tokens`: the longest prompt in tokens. `on_gpu` (default: whether CUDA is visible) decides
-    whether TRL's fused log-prob pass runs its Triton kernel on the completion positions only (GPU) or its torch
-    fallback on every position (CPU). `materialized_logits`: price full logits instead (TRL before its fused head).
+    whether TRL's fused log-prob pass runs its Triton kernel (GPU) or its torch fallback (CPU), on the completion
+    positions in both cases. `materialized_logits`: price full logits instead (TRL before its fused head).
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"unknown DeepSpeed ZeRO stage {zero_stage!r}; valid: 0 (none), 2, 3")
@@ -299,21 +295,24 @@ def estimate(
 
         on_gpu = torch.cuda.is_available()
     uses_reference = cfg.kl_coef > 0 if uses_reference is None else uses_reference
-    nbytes = _dtype_bytes(cfg)
     deepspeed = zero_stage > 0
+    nbytes = 2 if cfg.bf16 else 4  # activations, KV cache, logits
+    # bf16 mixed precision keeps fp32 weights (the master copy) unless bf16_weights; DeepSpeed's bf16 casts the module
+    # to bf16 and keeps its own fp32 master shards ("fp32 master weights")
+    weight_bytes = 2 if cfg.bf16_weights or (deepspeed and cfg.bf16) else 4
     shard = num_processes if deepspeed else 1
     lora = shape.lora_params(cfg.lora_r, cfg.lora_target_modules) if cfg.lora_r else 0
     trainable = lora or shape.num_params
-    trainable_bytes = 4 if lora or deepspeed else nbytes  # LoRA adapters are fp32 (peft); DeepSpeed keeps fp32 states
+    trainable_bytes = 4 if lora or deepspeed else weight_bytes  # LoRA adapters are fp32 (peft); so are DeepSpeed's
     weight_shard = shard if zero_stage == 3 else 1
 
     parts = {
-        "policy weights": shape.num_params * nbytes // weight_shard + lora * 4,
-        "gradients": trainable * (4 if lora else nbytes) // (shard if zero_stage >= 2 else 1),
+        "policy weights": shape.num_params * weight_bytes // weight_shard + lora * 4,
+        "gradients": trainable * (4 if lora else weight_bytes) // (shard if zero_stage >= 2 else 1),
         "AdamW states": 2 * trainable * trainable_bytes // shard,
         "fp32 master weights": trainable * 4 // shard if deepspeed and cfg.bf16 and not lora else 0,
-        "reference model": shape.num_params * nbytes // weight_shard if uses_reference and not lora else 0,
-        "actor copy": trainable * (4 if lora else nbytes) if cfg.sync_interval > 1 else 0,
+        "reference model": shape.num_params * weight_bytes // weight_shard if uses_reference and not lora else 0,
+        "actor copy": trainable * (4 if lora else weight_bytes) if cfg.sync_interval > 1 else 0,
     }
     per_process = cfg.completions_per_step // num_processes
     micro = min(cfg.micro_batch_size, per_process)
@@ -321,7 +320,7 @@ def estimate(
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * per_process * seq_len * nbytes
     prefill_layer = per_process * prompt_tokens * (2 * shape.hidden_size + 3 * shape.intermediate_size) * nbytes
     parts["KV cache"] = kv
-    positions = micro * (cfg.max_new_tokens if on_gpu else seq_len - 1)
+    positions = micro * cfg.max_new_tokens  # the fused head scores the completion only (on CPU: the adapter's switch)
     # no-grad log-prob passes after sampling (reference, actor under staleness): the fused head's forward tile
     fallback = 0 if on_gpu else 3 * 4 * min(shape.vocab_size, _FUSED_VOCAB)  # the torch fallback's fp32 temporaries
     tile_forward = min(positions, _FUSED_TOKENS) * (_FUSED_VOCAB * nbytes + fallback)
@@ -336,7 +335,7 @@ def estimate(
     resident = parts["policy weights"] + parts["AdamW states"] + parts["fp32 master weights"] + parts["actor copy"]
     generation = resident + parts["reference model"] + kv + parts["generation transient"]
     if zero_stage == 3:  # TRL gathers the full weights for generation
-        generation += shape.num_params * nbytes - shape.num_params * nbytes // weight_shard
+        generation += shape.num_params * weight_bytes - shape.num_params * weight_bytes // weight_shard
     reference = 0 if cfg.offload_reference else parts["reference model"]
     grads_during_forward = parts["gradients"] if per_process > micro else 0  # accumulated over micro-batches
     learning = (

@@ -4,7 +4,7 @@
 - `"nanopost-tiny"`: the checkpoint shipped in this package (`nanopost_trl/assets/tiny`);
 - a short name in `SHIPPED_GGUF` (`"smollm2-135m-instruct"`): a GGUF file shipped inside a registry package;
 - a path ending `.gguf`, or a directory plus `gguf_file`: a GGUF file on disk;
-- anything else (a hub id or a local HF directory): returned unchanged.
+- a hub id (`org/name`) or a local HF directory: returned unchanged; any other name is an error listing the short names.
 
 A GGUF file is converted once into a plain, savable model + tokenizer directory in the cache (`NANOPOST_CACHE`, default
 `~/.cache/nanopost_trl`): transformers de-quantises it to fp32, then the weights go into a model built from the same
@@ -85,7 +85,14 @@ def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
 
         return str(TINY_MODEL_PATH)
     source = gguf_source(model, gguf_file)
-    return str(converted_gguf(source)) if source is not None else model
+    if source is not None:
+        return str(converted_gguf(source))
+    if "/" not in model and not Path(model).expanduser().exists():  # neither a hub id (org/name) nor a local path
+        raise ValueError(
+            f"unknown model {model!r}; short names: {', '.join([TINY_MODEL, *SHIPPED_GGUF])}; or a hub id "
+            "(org/name), a local model directory, or a .gguf file"
+        )
+    return model
 
 
 def check_gguf_file(path: Path) -> None:
