@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import random
 import resource
+import string
 import subprocess
 import sys
 import tempfile
@@ -27,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import (
+    PRETOKENIZE_REGEX as QWEN2_SPLIT,  # a space + letters: one piece
+)
 
 from nanopost_trl.base import TaskInstance
 from nanopost_trl.config import Preset
@@ -48,8 +53,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
 PROMPT_WORDS = 150
-TARGET_WORD = "w0"
+TARGET_WORD = "aa"
 EVAL_SIZE = 2
+SPACE = "\u0120"  # a space in byte-level BPE ("Ġ")
 
 
 def architecture(model_id: str, shrink: bool = False) -> PretrainedConfig:
@@ -62,17 +68,38 @@ def architecture(model_id: str, shrink: bool = False) -> PretrainedConfig:
     return AutoConfig.for_model(**arch)
 
 
-def synthetic_words(vocab_size: int) -> list[str]:
-    """The plain words of the synthetic vocabulary: w0, w1, ... filling it up to `vocab_size` entries."""
-    return [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS) - len(ROLE_WORDS))]
+def synthetic_words() -> list[str]:
+    """The words of the synthetic prompts: every two-letter lowercase word, one token each after a space."""
+    return [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
 
 
 def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer of exactly `vocab_size` tokens (specials, role names, words) with a chat template."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ROLE_WORDS + synthetic_words(vocab_size))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(cleanup=False)  # joins words with spaces
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens with a chat template, built as Qwen2's is.
+
+    transformers >= 5 reloads a saved tokenizer of a `qwen2` model as its own `Qwen2Tokenizer` whatever the saved
+    class: a byte-level BPE rebuilt from the saved vocab and merges, with Qwen2's pre-tokenizer (a word-level
+    tokenizer came back as an unmerged BPE that turned a 150-word prompt into 3 tokens). So this tokenizer is one:
+    the 256 byte symbols, merges that make each role name and `synthetic_words()` word after a space one token, and
+    fillers up to `vocab_size` (letter strings no merge reaches); it tokenizes the same as itself and as Qwen2Tokenizer.
+    """
+    letters = string.ascii_lowercase
+    merges = list(
+        dict.fromkeys((SPACE + word[:i], word[i]) for word in ROLE_WORDS + synthetic_words() for i in range(len(word)))
+    )
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + pre_tokenizers.ByteLevel.alphabet())}
+    for token in (left + right for left, right in merges):
+        vocab.setdefault(token, len(vocab))
+    fillers = ("".join(chars) for size in itertools.count(3) for chars in itertools.product(letters, repeat=size))
+    while len(vocab) < vocab_size:
+        vocab.setdefault(next(fillers), len(vocab))
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -110,10 +137,10 @@ def token_fraction(completion: str, token: str) -> float:
     return words.count(token) / len(words) if words else 0.0
 
 
-def synthetic_tasks(vocab_size: int, count: int, seed: int = 0) -> list[TaskInstance]:
+def synthetic_tasks(count: int, seed: int = 0) -> list[TaskInstance]:
     """`count` chat prompts of PROMPT_WORDS random words each, rewarded by the fraction of TARGET_WORD."""
     rng = random.Random(seed)
-    words = synthetic_words(vocab_size)
+    words = synthetic_words()
     reward = functools.partial(token_fraction, token=TARGET_WORD)
     return [
         TaskInstance(
@@ -134,7 +161,6 @@ def measure(name: str, shrink: bool, steps: int, workdir: Path) -> dict[str, Any
     gpus, target_gib = TARGETS.get(preset.name, (1, None))
     cuda = torch.cuda.is_available()
     path = model_dir(preset.value["model"], shrink, workdir)
-    vocab_size = architecture(preset.value["model"], shrink).vocab_size
     cfg = preset.make(
         model=str(path),
         num_steps=steps,
@@ -145,7 +171,7 @@ def measure(name: str, shrink: bool, steps: int, workdir: Path) -> dict[str, Any
         out_dir=str(workdir / "runs"),
         run_name=preset.name.lower() + ("-shrink" if shrink else ""),
     )
-    tasks = synthetic_tasks(vocab_size, count=cfg.prompts_per_step * steps)
+    tasks = synthetic_tasks(count=cfg.prompts_per_step * steps)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

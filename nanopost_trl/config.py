@@ -318,7 +318,7 @@ def to_grpo_config(
         log_completions=False,
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun/`accelerate launch --multi_gpu` use gloo on CPU
         dataloader_pin_memory=torch.cuda.is_available(),
-        # every trainable weight is in each step's graph (a gated loss's skipped rows still run the forward, and an
-        # all-skipped step adds a zero tied to the weights): no extra autograd traversal per step under DDP
+        # every trainable weight is in each step's graph (a gated loss's skipped rows still run the forward, and a
+        # process that keeps no row runs one with zero weight): no extra autograd traversal per step under DDP
         ddp_find_unused_parameters=False,
     )

@@ -252,7 +252,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     def _policy_logprobs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy log-probs and entropies. If the loss names `backward_rows`, a no-grad pass decides them and only
-        those rows run the grad-carrying forward; the others keep their (equal) no-grad values."""
+        those rows run the grad-carrying forward; the others keep their (equal) no-grad values.
+
+        With no row kept, one row still runs the grad-carrying forward, with weight 0: under DDP or DeepSpeed a
+        process's gradient all-reduce is armed by a grad-carrying forward through the wrapped model, and a process
+        that skipped it would leave the others waiting in theirs (a hang when only some processes skip every row)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
 
@@ -268,10 +272,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
             detached, entropies = forward(slice(None))
         rows = self.loss_fn.backward_rows(self._learner_batch(inputs, detached))
         self._log_mean_over_processes({"backward_rows_frac": rows.float().mean().item()})
-        policy_logprobs = detached.clone()
-        if rows.any():
-            with_grad, _ = forward(rows)
-            policy_logprobs[rows] = detached[rows] + (with_grad - with_grad.detach())  # no-grad values, live grads
+        kept = bool(rows.any())
+        live = rows if kept else torch.arange(len(rows), device=rows.device) == 0
+        with_grad, _ = forward(live)
+        policy_logprobs = detached.clone()  # no-grad values, live grads (zero ones when no row is kept)
+        policy_logprobs[live] = detached[live] + float(kept) * (with_grad - with_grad.detach())
         return policy_logprobs, entropies
 
     def _compute_loss(self, model, inputs):
@@ -280,8 +285,6 @@ class NanopostGRPOTrainer(GRPOTrainer):
             policy_logprobs = compat.sampler_corrected(policy_logprobs, inputs["importance_sampling_ratio"])
         batch = self._learner_batch(inputs, policy_logprobs)
         loss, metrics = self.loss_fn(batch)
-        if not policy_logprobs.requires_grad:  # every row skipped its backward: a zero still tied to the weights
-            loss = loss.detach() + sum(p.sum() for p in self._trainable_params()) * 0.0
         loss = self._checked_loss(loss, policy_logprobs)
         mask = batch.mask
         valid = mask.sum().clamp(min=1)

