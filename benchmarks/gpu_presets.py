@@ -44,7 +44,7 @@ from nanopost_trl.utils import read_rows
 ARCHITECTURES = KNOWN_ARCHITECTURES  # each model's exact public shapes (nanopost_trl/memory.py)
 SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
 GPU_PRESETS = [preset.name for preset in Preset if preset.value["model"] in ARCHITECTURES]
-TARGETS = PRESET_TARGETS  # (number of GPUs, GiB each) per preset; unlisted presets have no target
+TARGETS = PRESET_TARGETS  # (number of GPUs, GiB each, ZeRO stage) per preset; unlisted presets have no target
 MAX_TARGET_FRACTION = 0.9
 SPECIAL_TOKENS = ["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"]  # pad 0, eos 1, bos 2: Gemma's ids too
 ROLE_WORDS = ["system", "user", "assistant"]
@@ -158,7 +158,7 @@ def measure(name: str, shrink: bool, steps: int, workdir: Path) -> dict[str, Any
     Speeds are averaged over the steps after the first (warm-up), unless there is only one.
     """
     preset = Preset.from_name(name)
-    gpus, target_gib = TARGETS.get(preset.name, (1, None))
+    gpus, target_gib, _ = TARGETS.get(preset.name, (1, None, 0))
     cuda = torch.cuda.is_available()
     path = model_dir(preset.value["model"], shrink, workdir)
     cfg = preset.make(

@@ -9,6 +9,7 @@ that broke before).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
 from typing import Any
@@ -31,6 +32,9 @@ HOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "training_step": (("model", "inputs", "num_items_in_batch"), ()),
 }
+# TRL module attributes the adapter reads: `trainer.fused_head_scores_labelled_positions` switches `_use_triton`,
+# the fused LM head's `compact` test (score the labelled positions only).
+MODULE_ATTRIBUTES: dict[str, tuple[str, ...]] = {"trl.trainer.utils": ("_use_triton", "add_fused_lm_head")}
 
 # GRPOConfig options that TRL applies inside its `_compute_loss`, which a LossFn replaces: a non-default value would be
 # silently ignored, so it is refused. (Options the LossFn owns, such as loss_type, epsilon, beta as a coefficient and
@@ -71,6 +75,11 @@ def check_trl_hooks(trainer_class: type | None = None) -> None:
                 f"{trainer_class.__name__}.{name}{inspect.signature(hook)} no longer accepts the arguments the adapter "
                 f"passes ({', '.join(positional + keywords)}): {error}; " + _supported()
             ) from None
+    for module_name, names in MODULE_ATTRIBUTES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if not hasattr(module, name):
+                raise UnsupportedTRL(f"{module_name} has no {name}, which the adapter relies on; " + _supported())
     if Version(trl.__version__) not in SpecifierSet(SUPPORTED_TRL):
         warnings.warn(f"untested TRL version: {_supported()}", stacklevel=2)
 

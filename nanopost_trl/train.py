@@ -128,14 +128,16 @@ def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -
     (a visible GPU, accelerate's environment), else to the preset's target device."""
     from nanopost_trl import memory
 
-    target_processes, target_gb = memory.PRESET_TARGETS.get(Preset.from_name(run_args.preset).name, (None, None))
+    target_processes, target_gb, target_stage = memory.PRESET_TARGETS.get(
+        Preset.from_name(run_args.preset).name, (None, None, 0)
+    )
     launch_processes, launch_stage = memory.launch_setting()
     processes = run_args.num_processes or (launch_processes if launch_processes > 1 else target_processes or 1)
     device_gb = run_args.device_gb or memory.visible_device_gb() or target_gb
     result = memory.estimate(
         cfg,
         num_processes=processes,
-        zero_stage=launch_stage if run_args.zero_stage is None else run_args.zero_stage,
+        zero_stage=run_args.zero_stage if run_args.zero_stage is not None else launch_stage or target_stage,
         device_gb=device_gb,
         uses_reference=uses_reference,
         prompt_tokens=run_args.prompt_tokens,

@@ -209,3 +209,32 @@ def test_no_more_forward_passes_than_trl(tmp_path, tokenizer, random_model_dir, 
     assert counts[1]["policy grad"] == 1
     assert counts[1].get("reference no-grad", 0) == (1 if kl_coef else 0)
     assert (ours.ref_model is None) == (kl_coef == 0)
+
+
+def test_the_fused_head_scores_only_completion_positions_on_cpu(tiny_trainer, monkeypatch):
+    """TRL's fused LM head projects every position off CUDA; the adapter's learner projects the completion's only
+    (same values and gradients: `test_gradients_equal_trl`)."""
+    import trl.trainer.utils as trl_utils
+
+    scored: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def recording_apply(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", recording_apply)
+    trainer = tiny_trainer()
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    completion = inputs["completion_ids"].size(1)
+    scored.clear()
+    ours, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, completion)
+    trls, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, completion
+    )
+    assert scored == [inputs["completion_mask"].sum().item(), input_ids.size(0) * (input_ids.size(1) - 1)]
+    torch.testing.assert_close(ours * inputs["completion_mask"], trls * inputs["completion_mask"])

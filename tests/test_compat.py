@@ -43,6 +43,14 @@ def test_a_hook_whose_arguments_changed_stops_the_run(monkeypatch):
         compat.check_trl_hooks()
 
 
+def test_a_renamed_trl_module_attribute_stops_the_run(monkeypatch):
+    import trl.trainer.utils
+
+    monkeypatch.delattr(trl.trainer.utils, "_use_triton")
+    with pytest.raises(compat.UnsupportedTRL, match=r"trl\.trainer\.utils has no _use_triton.*trl>=1\.16,<1\.17"):
+        compat.check_trl_hooks()
+
+
 class TRLLossInstead(NanopostGRPOTrainer):
     """TRL's own loss reaches the backward pass instead of the LossFn's, as with TRL's Liger path (trl#7270)."""
 
