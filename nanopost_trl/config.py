@@ -246,6 +246,10 @@ PRESET_HARDWARE = {
 }
 
 
+# The task a preset trains on when the command line names none (else "addition", the embedded model's).
+PRESET_TASKS = {"SMOLLM_CPU": "arithmetic"}
+
+
 def output_paths(cfg: TrainConfig) -> dict[str, Path]:
     """Where a run writes: the per-step log, the config record, and the checkpoint directory."""
     out = Path(cfg.out_dir)

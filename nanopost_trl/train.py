@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from nanopost_trl.config import PRESET_HARDWARE, Preset, TrainConfig
+from nanopost_trl.config import PRESET_HARDWARE, PRESET_TASKS, Preset, TrainConfig
 from nanopost_trl.losses import Loss
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
@@ -35,7 +35,9 @@ class RunArgs:
     preset: str = field(default="TINY_CPU", metadata={"help": f"One of: {', '.join(p.name for p in Preset)}."})
     loss: str = field(default="grpo", metadata={"help": f"One of: {', '.join(m.name.lower() for m in Loss)}."})
     loss_args: str = field(default="", metadata={"help": "Loss fields as 'eta=0.5,keep_frac=0.3'."})
-    tasks: str = field(default="addition", metadata={"help": "Comma-separated task names."})
+    tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated task names (default: the preset's task, e.g. addition)."}
+    )
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory to resume from."})
     list: bool = field(default=False, metadata={"help": "Print presets, losses and tasks, then exit."})
     estimate: bool = field(
@@ -146,13 +148,19 @@ def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -
     return result.report()
 
 
+def task_list(run_args: RunArgs) -> list[str]:
+    """The task names of `--tasks`, else the preset's task (`PRESET_TASKS`, else addition)."""
+    names = run_args.tasks or PRESET_TASKS.get(Preset.from_name(run_args.preset).name, "addition")
+    return [name.strip() for name in names.split(",") if name.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, run_args, parser = parse(argv)
     if run_args.list:
         print(listing())
         return
-    tasks = [name.strip() for name in run_args.tasks.split(",") if name.strip()]
+    tasks = task_list(run_args)
     try:
         loss_fn = Loss.from_name(run_args.loss).make(**parse_loss_args(run_args.loss_args))
         for name in tasks:

@@ -16,7 +16,7 @@ import pytest
 from nanopost_trl import analysis
 from nanopost_trl.config import PRESET_HARDWARE, Preset, TrainConfig
 from nanopost_trl.losses import Loss
-from nanopost_trl.train import parse, parse_loss_args
+from nanopost_trl.train import parse, parse_loss_args, task_list
 
 
 def test_preset_then_yaml_then_flags(tmp_path):
@@ -30,7 +30,12 @@ def test_preset_then_yaml_then_flags(tmp_path):
 def test_no_arguments_is_the_embedded_default():
     cfg, run_args, _ = parse([])
     assert cfg == Preset.TINY_CPU.make()
-    assert (run_args.loss, run_args.tasks) == ("grpo", "addition")
+    assert (run_args.loss, task_list(run_args)) == ("grpo", ["addition"])
+
+
+def test_a_preset_brings_its_task_unless_tasks_are_named():
+    assert task_list(parse(["--preset", "SMOLLM_CPU"])[1]) == ["arithmetic"]
+    assert task_list(parse(["--preset", "SMOLLM_CPU", "--tasks", "gsm8k, math"])[1]) == ["gsm8k", "math"]
 
 
 def test_preset_names_are_case_insensitive():
