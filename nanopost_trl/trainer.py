@@ -4,8 +4,10 @@ Read top to bottom:
 1. `RewardAdapter` turns a `RewardFn` over `TaskInstance`s into a TRL reward function (dataset rows carry an index).
 2. `NanopostGRPOTrainer` subclasses `GRPOTrainer` at three hooks: `_calculate_rewards` (keep the gathered rewards),
    `_generate_and_score_completions` (advantages from the loss's estimator over whole groups), and `_compute_loss`
-   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does); `nanopost_trl.compat`
-   checks at start-up that TRL still has them, and on the first step that the LossFn's loss is back-propagated.
+   (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does); and wraps
+   `_get_per_token_logps_and_entropies` (TRL's fused LM head, made to score only completion positions on CPU too).
+   `nanopost_trl.compat` checks at start-up that TRL still has them, and on the first step that the LossFn's loss is
+   back-propagated.
 3. `Trainer(cfg).run(loss_fn, tasks)` loads the model, builds the dataset, trains, evaluates, and returns a summary.
 """
 
