@@ -1,9 +1,10 @@
-"""A real model's step on CPU, by phase and precision, every variant interleaved in one run on the same batch.
+"""A real model's step on CPU, by phase, every variant interleaved in one run on the same batch.
 
 Precisions: `fp32`; `bf16` (the `bf16=True` default: fp32 master weights, bf16 autocast for sampling and learning);
-`bf16_weights` (`bf16_weights=True`: the weights themselves in bf16). Per precision, a trainer on SMOLLM_CPU's
-shape (16 prompts x 8 completions of the `arithmetic` task, 12 new tokens, micro-batches of 32), and, round after
-round in alternating order:
+`bf16_weights` (`bf16_weights=True`: the weights themselves in bf16). Each precision runs in a process of its own
+(accelerate's mixed-precision setting is per process), with a trainer on SMOLLM_CPU's shape (16 prompts x 8
+completions of the `arithmetic` task, 12 new tokens, micro-batches of 32), and, round after round in alternating
+order:
 - `generation`: `_generate_and_score_completions` on the same prompts and seed (sampling, rewards, advantages);
 - `adapter`: nanopost_trl's learning phase, `NanopostGRPOTrainer._compute_loss` + backward per micro-batch (GRPO);
 - `trl`: plain `GRPOTrainer(loss_type="grpo")`'s `compute_loss` + backward on the same micro-batches (its fused LM
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -79,9 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     args = parser.parse_args()
     path = resolve_model_path(args.model)
+    if len(args.precisions) > 1:  # one process per precision
+        for precision in args.precisions:
+            command = [sys.executable, __file__, "--rounds", str(args.rounds), "--model", args.model, "--precisions"]
+            subprocess.run([*command, precision], check=True)
+        return
     trainers = {precision: build("adapter", path, precision) for precision in args.precisions}
     trl_trainers = {precision: build("trl", path, precision)[0] for precision in args.precisions}
     torch.manual_seed(0)

@@ -149,6 +149,9 @@ class BackpropCheck:
 KNOWN_WARNINGS: list[tuple[str, type[Warning], str]] = [
     # TRL's `disable_gradient_checkpointing` reads the deprecated property on every generation (trl/models/utils.py).
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+    # ... and with gradient_checkpointing=True, TRL's generation wrapper turns it off and on around every generation
+    # (trl/models/utils.py `unwrap_model_for_generation`) through the deprecated transformers names.
+    (r"`gradient_checkpointing_(enable|disable)` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
 ]
 
 

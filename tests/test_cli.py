@@ -144,3 +144,10 @@ def test_smoke_run_from_the_command_line(tmp_path):
     assert [row["step"] for row in rows] == [0, 1, 2] and "loss_gate_mean" in rows[1]
     assert "held-out greedy accuracy [addition]" in result.stdout
     assert json.loads((tmp_path / "cli-config.json").read_text())["loss"]["name"] == "dg"
+
+
+def test_gradient_checkpointing_prints_no_deprecation_warnings(tmp_path):
+    """TRL toggles gradient checkpointing around each generation through names transformers deprecated."""
+    result = run_cli("--preset", "TINY_SMOKE", "--gradient_checkpointing", "True", "--out_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warning" not in result.stderr, result.stderr

@@ -67,14 +67,16 @@ def test_parts_follow_the_config():
         return memory.estimate(config, shape=shape, on_gpu=True, advise=False, **kwargs)
 
     full = est()
-    assert full.parts["reference model"] == full.parts["policy weights"] == shape.num_params * 2
+    # bf16 mixed precision over fp32 master weights: the weights (and the reference, loaded in their dtype) are fp32
+    assert full.parts["reference model"] == full.parts["policy weights"] == shape.num_params * 4
+    assert est(dataclasses.replace(cfg, bf16_weights=True)).parts["policy weights"] == shape.num_params * 2
     assert est(dataclasses.replace(cfg, lora_r=16)).parts["reference model"] == 0  # the adapter is disabled instead
     offloaded = est(dataclasses.replace(cfg, offload_reference=True))
     assert offloaded.learning_peak == full.learning_peak - full.parts["reference model"]
     assert offloaded.generation_peak == full.generation_peak  # it visits the device for its log-prob pass
-    assert est(dataclasses.replace(cfg, sync_interval=4)).parts["actor copy"] == shape.num_params * 2
+    assert est(dataclasses.replace(cfg, sync_interval=4)).parts["actor copy"] == shape.num_params * 4
     zero3 = est(num_processes=4, zero_stage=3)
-    assert zero3.parts["policy weights"] == full.parts["policy weights"] // 4
+    assert zero3.parts["policy weights"] == shape.num_params * 2 // 4  # DeepSpeed's bf16 module, sharded
     assert zero3.parts["fp32 master weights"] == shape.num_params * 4 // 4
     checkpointed, plain = est(), est(dataclasses.replace(cfg, gradient_checkpointing=False))
     assert checkpointed.parts["activations"] * 5 < plain.parts["activations"]
