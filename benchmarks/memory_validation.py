@@ -28,8 +28,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nanopost_trl import memory
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.config import TINY_MODEL, Preset, TrainConfig, resolve_model_path
+from nanopost_trl.config import Preset, TrainConfig
 from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.models import TINY_MODEL, resolve_model_path
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import Trainer
 
