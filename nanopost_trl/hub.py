@@ -45,7 +45,8 @@ def model_card(run_config: dict[str, Any], summary: RunSummary) -> str:
         for task in sorted(summary.eval_after)
     )
     reward = (
-        f"Train reward (mean of the first -> last 10 steps): {summary.reward_first:.3f} -> {summary.reward_last:.3f}"
+        f"Train reward (mean of the first -> last {summary.reward_window} steps): "
+        f"{summary.reward_first:.3f} -> {summary.reward_last:.3f}"
         if summary.reward_first is not None
         else ""
     )

@@ -112,9 +112,10 @@ class RunSummary:
     model_dir: Path | None
     eval_before: dict[str, float]  # held-out greedy accuracy per task ("{task}") and pass@k ("{task} pass@k")
     eval_after: dict[str, float]
-    reward_first: float | None  # mean reward over the first steps (up to 10)
-    reward_last: float | None  # mean reward over the last steps (up to 10)
+    reward_first: float | None  # mean reward over the first `reward_window` steps
+    reward_last: float | None  # mean reward over the last `reward_window` steps
     final_metrics: dict[str, Any]
+    reward_window: int = 10  # up to 10 steps, at most half the run (so first and last do not overlap)
 
     def __str__(self) -> str:
         lines = [f"run {self.run_name}"]
@@ -126,7 +127,8 @@ class RunSummary:
             )
         if self.reward_first is not None:
             lines.append(
-                f"  train reward (mean of first -> last 10 steps): {self.reward_first:.3f} -> {self.reward_last:.3f}"
+                f"  train reward (mean of first -> last {self.reward_window} steps): "
+                f"{self.reward_first:.3f} -> {self.reward_last:.3f}"
             )
         lines.append(f"  log: {self.log_path}   config: {self.config_path}")
         if self.model_dir is not None:
@@ -223,6 +225,7 @@ class RunLogger(TrainerCallback):
         rows = read_rows(self.log_path) if self.log_path.exists() else []
         rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
         cfg = self.trainer.cfg
+        window = max(1, min(10, len(rewards) // 2))
         return RunSummary(
             run_name=cfg.run_name,
             log_path=self.log_path,
@@ -230,9 +233,10 @@ class RunLogger(TrainerCallback):
             model_dir=model_dir,
             eval_before=_strip_eval(self.eval_before),
             eval_after=_strip_eval(self.eval_after),
-            reward_first=sum(rewards[:10]) / len(rewards[:10]) if rewards else None,
-            reward_last=sum(rewards[-10:]) / len(rewards[-10:]) if rewards else None,
+            reward_first=sum(rewards[:window]) / len(rewards[:window]) if rewards else None,
+            reward_last=sum(rewards[-window:]) / len(rewards[-window:]) if rewards else None,
             final_metrics=rows[-1] if rows else {},
+            reward_window=window,
         )
 
 

@@ -399,6 +399,15 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     return model, tokenizer
 
 
+def check_chat_template(tokenizer, instances: Sequence[base.TaskInstance], model: str) -> None:
+    """Chat-message prompts need the tokenizer's chat template: fail before training, naming the model."""
+    if tokenizer.chat_template is None and any(isinstance(i.prompt, list) for i in instances):
+        raise ValueError(
+            f"the tokenizer of {model!r} has no chat template, but the task prompts are chat messages: use a model "
+            "with one (an instruct model), set `tokenizer.chat_template`, or give the tasks plain-text prompts"
+        )
+
+
 def lora_config(cfg: TrainConfig):
     if cfg.lora_r == 0:
         return None
@@ -450,6 +459,7 @@ class Trainer:
         eval_instances = eval_subset(resolve_tasks(eval_tasks or tasks, "test", cfg.data_dir), cfg.eval_size)
         components = reward_components(reward_fn)
         model, tokenizer = load_model_and_tokenizer(cfg)
+        check_chat_template(tokenizer, [*train_instances, *eval_instances], cfg.model)
         paths = output_paths(cfg)
         trainer = NanopostGRPOTrainer(
             model=model,

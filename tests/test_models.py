@@ -100,3 +100,23 @@ def test_a_conversion_killed_midway_leaves_no_cache_a_later_run_trusts(tmp_path,
     process.wait()
     assert any(cache.glob(".*partial*")), "the conversion was killed while staging"
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []  # no directory a later run trusts
+
+
+def test_chat_prompts_with_a_tokenizer_without_a_chat_template_fail_before_training(tmp_path):
+    import json
+    import shutil
+
+    from nanopost_trl.config import Preset
+    from nanopost_trl.trainer import Trainer
+
+    model_dir = tmp_path / "no_template"
+    shutil.copytree(TINY_MODEL_PATH, model_dir)
+    (model_dir / "chat_template.jinja").unlink()
+    config_path = model_dir / "tokenizer_config.json"
+    config_path.write_text(
+        json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "chat_template"})
+    )
+    cfg = Preset.TINY_SMOKE.make(model=str(model_dir), out_dir=str(tmp_path / "out"), run_name="r")
+    with pytest.raises(ValueError, match=f"tokenizer of '{model_dir}' has no chat template.*chat messages"):
+        Trainer(cfg).run(tasks="addition")
+    assert not (tmp_path / "out" / "r.jsonl").exists()

@@ -122,6 +122,9 @@ def test_two_real_model_steps_end_to_end(smollm_dir, tmp_path):
         assert row["prompt_len_mean"] > 30  # the default system prompt is there
         assert 0.0 <= row["completions_clipped_ratio"] <= 1.0
     assert set(summary.eval_after) == {"arithmetic"}
+    # a short run's summary compares its first and last halves (here one step each), not the same steps twice
+    assert summary.reward_window == 1 and "first -> last 1 steps" in str(summary)
+    assert (summary.reward_first, summary.reward_last) == (rows[1]["reward_mean"], rows[2]["reward_mean"])
     reloaded = AutoModelForCausalLM.from_pretrained(summary.model_dir)  # a normal, savable model (not GGUF-quantized)
     assert reloaded.config.model_type == "llama" and reloaded.config.vocab_size == 49152
 
