@@ -113,7 +113,8 @@ def test_two_machines_log_and_checkpoint_once_and_resume(tmp_path):
     main, other = two_machine_launch(tmp_path, *run)
     rows = read_rows(tmp_path / "nodes.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2]  # each step once: only the global main process writes the log
-    assert main.stdout.count("held-out greedy accuracy") == 1 and other.stdout == ""
+    # the summary once, from machine 0 (machine 1 may print library notices, e.g. DeepSpeed's "accelerator: CPU")
+    assert main.stdout.count("held-out greedy accuracy") == 1 and "held-out" not in other.stdout
     assert json.loads((tmp_path / "nodes-config.json").read_text())["runtime"]["num_processes"] == 2
     for step in (1, 2):
         checkpoint = tmp_path / "nodes" / f"checkpoint-{step}"
@@ -125,4 +126,4 @@ def test_two_machines_log_and_checkpoint_once_and_resume(tmp_path):
     assert [row["step"] for row in resumed] == [0, 1, 2, 3] and resumed[:3] == rows  # continued from checkpoint-2
     assert json.loads((tmp_path / "nodes" / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
     assert f"held-out greedy accuracy [addition]: {rows[0]['eval_addition_accuracy']:.1%} -> " in main.stdout
-    assert other.stdout == "" and (tmp_path / "nodes" / "final" / "model.safetensors").exists()
+    assert "held-out" not in other.stdout and (tmp_path / "nodes" / "final" / "model.safetensors").exists()
