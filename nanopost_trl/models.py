@@ -78,21 +78,28 @@ def gguf_source(model: str, gguf_file: str | None = None) -> Path | None:
     return None
 
 
+def check_model(model: str, gguf_file: str | None = None) -> Path | None:
+    """Raise the errors `resolve_model_path` would (unknown name, missing or non-GGUF file, package or `gguf` not
+    installed) without loading or converting anything; return the GGUF file, if the model is one."""
+    source = gguf_source(model, gguf_file)
+    if source is not None:
+        check_gguf_file(source)
+    elif model != TINY_MODEL and "/" not in model and not Path(model).expanduser().exists():  # not org/name, no path
+        raise ValueError(
+            f"unknown model {model!r}; short names: {', '.join([TINY_MODEL, *SHIPPED_GGUF])}; or a hub id "
+            "(org/name), a local model directory, or a .gguf file"
+        )
+    return source
+
+
 def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
     """A hub id or local directory that `from_pretrained` loads (see the module docstring)."""
     if model == TINY_MODEL:
         from nanopost_trl.assets import TINY_MODEL_PATH
 
         return str(TINY_MODEL_PATH)
-    source = gguf_source(model, gguf_file)
-    if source is not None:
-        return str(converted_gguf(source))
-    if "/" not in model and not Path(model).expanduser().exists():  # neither a hub id (org/name) nor a local path
-        raise ValueError(
-            f"unknown model {model!r}; short names: {', '.join([TINY_MODEL, *SHIPPED_GGUF])}; or a hub id "
-            "(org/name), a local model directory, or a .gguf file"
-        )
-    return model
+    source = check_model(model, gguf_file)
+    return str(converted_gguf(source)) if source is not None else model
 
 
 def check_gguf_file(path: Path) -> None:
@@ -111,8 +118,8 @@ def check_gguf_file(path: Path) -> None:
 
 
 def converted_gguf(path: Path) -> Path:
-    """The cached HF directory of GGUF file `path`, converting it on first use (atomically)."""
-    check_gguf_file(path)
+    """The cached HF directory of GGUF file `path` (checked by `check_gguf_file`), converting it on first use
+    (atomically)."""
     stat = path.resolve().stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = cache_dir()

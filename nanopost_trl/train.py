@@ -22,6 +22,7 @@ from trl import TrlParser
 
 from nanopost_trl.config import PRESET_HARDWARE, PRESET_TASKS, Preset, TrainConfig
 from nanopost_trl.losses import Loss
+from nanopost_trl.models import check_model
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
 
@@ -165,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss_fn = Loss.from_name(run_args.loss).make(**parse_loss_args(run_args.loss_args))
         for name in tasks:
             get_task_loader(name)
-    except (ValueError, TypeError) as error:
+        check_model(cfg.model, cfg.gguf_file)  # a bad model name or file fails here, in one line, not mid-start
+    except (ValueError, TypeError, OSError, ImportError) as error:
         parser.error(str(error))
     if run_args.estimate:
         from nanopost_trl.trainer import fill_from_config

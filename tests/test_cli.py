@@ -151,3 +151,13 @@ def test_gradient_checkpointing_prints_no_deprecation_warnings(tmp_path):
     result = run_cli("--preset", "TINY_SMOKE", "--gradient_checkpointing", "True", "--out_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("nope-model", "unknown model 'nope-model'; short names: nanopost-tiny, smollm2-135m-instruct"),
+     ("/tmp/nanopost-missing.gguf", "GGUF file /tmp/nanopost-missing.gguf does not exist")],
+)  # fmt: skip
+def test_a_bad_model_fails_in_one_line_before_loading(model, message):
+    result = run_cli("--preset", "TINY_SMOKE", "--model", model)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
