@@ -32,9 +32,18 @@ HOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "training_step": (("model", "inputs", "num_items_in_batch"), ()),
 }
-# TRL module attributes the adapter reads: `trainer.fused_head_scores_labelled_positions` switches `_use_triton`,
-# the fused LM head's `compact` test (score the labelled positions only).
-MODULE_ATTRIBUTES: dict[str, tuple[str, ...]] = {"trl.trainer.utils": ("_use_triton", "add_fused_lm_head")}
+# TRL module attributes the adapter reads: `trainer.fused_head_tiles` switches `_use_triton`, the fused LM head's
+# `compact` test (score the labelled positions only), and its tile width; the kernel's own `_use_triton` decides it.
+MODULE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "trl.trainer.utils": (
+        "_use_triton",
+        "_CHUNKED_LOGPROB_CHUNK_SIZE",
+        "add_fused_lm_head",
+        "selective_log_softmax",
+        "selective_log_softmax_and_entropy",
+    ),
+    "trl.kernels.chunked_logprob": ("_use_triton",),
+}
 
 # GRPOConfig options that TRL applies inside its `_compute_loss`, which a LossFn replaces: a non-default value would be
 # silently ignored, so it is refused. (Options the LossFn owns, such as loss_type, epsilon, beta as a coefficient and

@@ -16,6 +16,10 @@ from typing import Any
 from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import make_dataclass
 
+# Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
+# fallback (CPU) the backward holds ~8 tile-sized fp32 temporaries, so a narrower tile (benchmarks/logprob_memory.py)
+TRL_VOCAB_CHUNK, CPU_VOCAB_CHUNK = 32768, 4096
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -108,6 +112,21 @@ class TrainConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    chunked_logprobs: bool = field(
+        default=True,
+        metadata={
+            "help": "Log-probs and entropies through TRL's fused LM head: tiles of <= 4096 positions x "
+            "logprob_vocab_chunk vocabulary entries, recomputed in the backward, never the full logits. False: the "
+            "model's own forward, materialising micro_batch x completion x vocab logits (the reference path)."
+        },
+    )
+    logprob_vocab_chunk: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary entries per fused LM-head tile. Default: TRL's 32768 where its Triton kernel runs "
+            f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds ~8 tile-sized temporaries."
+        },
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (colocate mode; GPU only)."})
     # --- LoRA (peft); lora_r = 0 trains all weights
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
@@ -130,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.sync_interval must be >= 1, got {self.sync_interval}")
         if self.bf16_weights and not self.bf16:
             raise ValueError("TrainConfig.bf16_weights=True needs bf16=True (bf16 weights run bf16 compute)")
+        if self.logprob_vocab_chunk is not None and self.logprob_vocab_chunk < 1:
+            raise ValueError(f"TrainConfig.logprob_vocab_chunk must be >= 1 (or None), got {self.logprob_vocab_chunk}")
         if self.eval_pass_k == 1 or self.eval_pass_k < 0:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
 
@@ -139,6 +160,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def vocab_chunk(self, triton: bool) -> int:
+        """Vocabulary entries per fused LM-head tile, with (`triton`) or without TRL's Triton kernel."""
+        if self.logprob_vocab_chunk is not None:
+            return self.logprob_vocab_chunk
+        return TRL_VOCAB_CHUNK if triton else CPU_VOCAB_CHUNK
 
 
 QWEN_0_5B, QWEN_1_5B, QWEN_3B = (f"Qwen/Qwen2.5-{size}-Instruct" for size in ("0.5B", "1.5B", "3B"))

@@ -12,8 +12,8 @@ A step has two phases, and the peak is the larger:
 - learning (one micro-batch): the same without the KV cache, the reference unless offloaded, plus the gradients,
   the activations (all layers', or each layer's input and one layer recomputed under gradient checkpointing) and the
   log-prob pass over the vocabulary. TRL >= 1.16 computes that pass with its fused LM head (`add_fused_lm_head`):
-  tiles of at most 4096 positions x 32768 vocabulary entries and an fp32 LM-head gradient instead of `micro_batch x
-  sequence x vocab` logits (`logprob_pass_bytes`); `materialized_logits=True` prices the logits of older TRL.
+  tiles of at most 4096 positions x `logprob_vocab_chunk` vocabulary entries and an fp32 LM-head gradient instead
+  of `micro_batch x completion x vocab` logits (`logprob_pass_bytes`); `chunked_logprobs=False` prices full logits.
 
 The coefficients (per token and layer: 10 x hidden + 4 x intermediate + sequence elements of saved activations, for
 transformers' Llama/Qwen2 layers with SDPA) were measured with torch's allocator accounting (`measure_peak`) and are
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TrainConfig
+from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig
 from nanopost_trl.models import check_gguf_file, gguf_source, resolve_model_path
 
 GIB = 2**30
@@ -107,8 +107,9 @@ PRESET_TARGETS: dict[str, tuple[int, int, int]] = {
 # Measured coefficients (see the module docstring).
 _LAYER_HIDDEN, _LAYER_INTERMEDIATE = 10, 4  # saved activation elements per token and layer, per hidden / intermediate
 _MODEL_HIDDEN = 3  # per token outside the layers: embedding output, final norm
-_FUSED_TOKENS, _FUSED_VOCAB = 4096, 32768  # TRL's fused LM head tile (trl/kernels/chunked_logprob.py)
-_TORCH_TILE_TEMPORARIES = 7.25  # fp32 tile-sized temporaries of the fused head's backward without Triton
+_FUSED_TOKENS = 4096  # positions per tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
+_TORCH_TILE_FORWARD, _TORCH_TILE_BACKWARD = 3, 7.25  # fp32 tile-sized temporaries of TRL's torch fallback
+_FULL_LOGITS_FORWARD, _FULL_LOGITS_BACKWARD = 2, 2.5  # fp32 positions x vocab tensors alive with full logits
 _SAMPLING_COPIES = 3  # generation: the last position's logits in fp32, after the logits processors, the probabilities
 
 
@@ -242,23 +243,44 @@ def activation_bytes(shape: ModelShape, sequences: int, seq_len: int, nbytes: in
     return tokens * nbytes * (shape.num_layers * kept + _MODEL_HIDDEN * shape.hidden_size + checkpointing * layer)
 
 
-def logprob_pass_bytes(shape: ModelShape, positions: int, nbytes: int, path: str = "triton") -> int:
-    """The log-prob pass over `positions` hidden states, forward and backward (its backward is the larger).
+def logits_bytes(
+    vocab_size: int,
+    positions: int,
+    nbytes: int,
+    path: str = "triton",
+    vocab_chunk: int = TRL_VOCAB_CHUNK,
+    forward_only: bool = False,
+) -> int:
+    """The logits term of the log-prob pass over `positions` hidden states (its backward's peak), `forward_only`:
+    of a no-grad pass (reference, actor copy).
 
-    TRL's fused LM head (`path="triton"` on GPUs, `"torch"` elsewhere) keeps a tile buffer of at most 4096 positions
-    x 32768 vocabulary entries and the fp32 gradients of the hidden states and the LM head; its torch fallback
-    (CPU) also allocates about 7.25 tile-sized fp32 temporaries in the backward (measured). `"materialized"`: the
-    full fp32 logits, their log-softmax and its gradient, `positions x vocab` each, and the LM head's gradient
-    (TRL before its fused head)."""
+    TRL's fused LM head (`chunked_logprobs=True`; `path="triton"` on GPUs, `"torch"` elsewhere) keeps a tile buffer
+    of at most 4096 positions x `vocab_chunk` entries; its torch fallback (CPU) also allocates fp32 temporaries of
+    the tile's size (the vocabulary's share of it): a few in the forward, more in the backward (measured).
+    `"materialized"` (`chunked_logprobs=False`): the full logits and what their log-softmax and gradient keep."""
+    low_precision = nbytes < 4  # bf16 compute: the logits (or tile) before their fp32 copy
     if path == "materialized":
-        return 3 * positions * shape.vocab_size * 4 + shape.vocab_size * shape.hidden_size * nbytes
+        copies = (_FULL_LOGITS_FORWARD if forward_only else _FULL_LOGITS_BACKWARD) + low_precision / 2
+        return int(copies * positions * vocab_size * 4)
     tokens = min(positions, _FUSED_TOKENS)
-    fused = (
-        tokens * _FUSED_VOCAB * nbytes + positions * shape.hidden_size * 4 + shape.vocab_size * shape.hidden_size * 4
+    buffer = tokens * vocab_chunk * nbytes
+    if path == "triton":
+        return buffer
+    temporaries = (_TORCH_TILE_FORWARD if forward_only else _TORCH_TILE_BACKWARD) + low_precision
+    return buffer + int(temporaries * tokens * min(vocab_size, vocab_chunk) * 4)
+
+
+def logprob_pass_bytes(
+    shape: ModelShape, positions: int, nbytes: int, path: str = "triton", vocab_chunk: int = TRL_VOCAB_CHUNK
+) -> int:
+    """The log-prob pass over `positions` hidden states, forward and backward: the logits term (`logits_bytes`),
+    and the gradients of the hidden states and of the LM head (fp32 on the fused head, which accumulates in fp32)."""
+    head_bytes = nbytes if path == "materialized" else 4
+    return (
+        logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk)
+        + positions * shape.hidden_size * 4
+        + shape.vocab_size * shape.hidden_size * head_bytes
     )
-    if path == "torch":
-        fused += int(_TORCH_TILE_TEMPORARIES * tokens * min(shape.vocab_size, _FUSED_VOCAB) * 4)
-    return fused
 
 
 def estimate(
@@ -269,7 +291,6 @@ def estimate(
     device_gb: float | None = None,
     uses_reference: bool | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
-    materialized_logits: bool = False,
     shape: ModelShape | None = None,
     on_gpu: bool | None = None,
     advise: bool = True,
@@ -279,7 +300,7 @@ def estimate(
     `uses_reference`: whether the loss reads reference log-probs (default: `cfg.kl_coef > 0`, the built-in losses'
     rule). `prompt_tokens`: the longest prompt in tokens. `on_gpu` (default: whether CUDA is visible) decides
     whether TRL's fused log-prob pass runs its Triton kernel (GPU) or its torch fallback (CPU), on the completion
-    positions in both cases. `materialized_logits`: price full logits instead (TRL before its fused head).
+    positions in both cases; `cfg.chunked_logprobs=False` prices full logits instead.
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"unknown DeepSpeed ZeRO stage {zero_stage!r}; valid: 0 (none), 2, 3")
@@ -323,16 +344,16 @@ def estimate(
     prefill_layer = per_process * prompt_tokens * (2 * shape.hidden_size + 3 * shape.intermediate_size) * nbytes
     parts["KV cache"] = kv
     positions = micro * cfg.max_new_tokens  # the fused head scores the completion only (on CPU: the adapter's switch)
-    # no-grad log-prob passes after sampling (reference, actor under staleness): the fused head's forward tile
-    fallback = 0 if on_gpu else 3 * 4 * min(shape.vocab_size, _FUSED_VOCAB)  # the torch fallback's fp32 temporaries
-    tile_forward = min(positions, _FUSED_TOKENS) * (_FUSED_VOCAB * nbytes + fallback)
+    path = ("triton" if on_gpu else "torch") if cfg.chunked_logprobs else "materialized"
+    vocab_chunk = cfg.vocab_chunk(triton=on_gpu)
+    # no-grad log-prob passes after sampling (reference, actor under staleness)
+    tile_forward = logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk, forward_only=True)
     scored = uses_reference or cfg.sync_interval > 1 or cfg.num_iterations > 1
     parts["generation transient"] = max(
         prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, tile_forward if scored else 0
     )
     parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing)
-    path = "materialized" if materialized_logits else "triton" if on_gpu else "torch"
-    parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path)
+    parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk)
 
     resident = parts["policy weights"] + parts["AdamW states"] + parts["fp32 master weights"] + parts["actor copy"]
     generation = resident + parts["reference model"] + kv + parts["generation transient"]
@@ -352,7 +373,8 @@ def estimate(
     setting = (
         f"{cfg.model}, {num_processes} process(es), ZeRO {zero_stage or 'off'}, {'bf16' if cfg.bf16 else 'fp32'}, "
         f"{per_process} completions/process, micro-batch {micro}, {prompt_tokens} prompt + {cfg.max_new_tokens} "
-        f"new tokens"
+        f"new tokens, log-probs "
+        + (f"in {vocab_chunk}-wide vocabulary tiles" if cfg.chunked_logprobs else "from full logits")
     )
     result = MemoryEstimate(parts, generation, learning, setting, device_bytes)
     if advise:
@@ -361,7 +383,6 @@ def estimate(
             zero_stage=zero_stage,
             uses_reference=uses_reference,
             prompt_tokens=prompt_tokens,
-            materialized_logits=materialized_logits,
             shape=shape,
             on_gpu=on_gpu,
             advise=False,
@@ -381,6 +402,8 @@ def _knobs(cfg: TrainConfig, num_processes: int, zero_stage: int, uses_reference
         knobs.append((f"micro_batch_size={half}", replace(cfg, micro_batch_size=half), {}))
     if not cfg.gradient_checkpointing:
         knobs.append(("gradient_checkpointing=True", replace(cfg, gradient_checkpointing=True), {}))
+    if not cfg.chunked_logprobs:
+        knobs.append(("chunked_logprobs=True", replace(cfg, chunked_logprobs=True), {}))
     if not cfg.lora_r:
         knobs.append(("lora_r=16 (LoRA)", replace(cfg, lora_r=16), {}))
     if uses_reference and not cfg.lora_r and not cfg.offload_reference and not zero_stage:

@@ -5,7 +5,8 @@ Read top to bottom:
 2. `NanopostGRPOTrainer` subclasses `GRPOTrainer` at three hooks: `_calculate_rewards` (keep the gathered rewards),
    `_generate_and_score_completions` (advantages from the loss's estimator over whole groups), and `_compute_loss`
    (build a `LearnerBatch`, call the `LossFn`, scale for gradient accumulation as TRL does); and wraps
-   `_get_per_token_logps_and_entropies` (TRL's fused LM head, made to score only completion positions on CPU too).
+   `_get_per_token_logps_and_entropies` (TRL's fused LM head in `cfg`'s tiles, scoring only completion positions on
+   CPU too; or, with `chunked_logprobs=False`, the model's full logits).
    `nanopost_trl.compat` checks at start-up that TRL still has them, and on the first step that the LossFn's loss is
    back-propagated.
 3. `Trainer(cfg).run(loss_fn, tasks)` loads the model, builds the dataset, trains, evaluates, and returns a summary.
@@ -245,12 +246,49 @@ class NanopostGRPOTrainer(GRPOTrainer):
             loss_mask=torch.cat([inputs["prompt_mask"][:, -1:], mask], dim=1).to(policy_logprobs.dtype),
         )
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's, scoring only the completion positions on CPU too (see `fused_head_scores_labelled_positions`)."""
-        with fused_head_scores_labelled_positions():
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
+        """TRL's fused LM head, in the tiles `cfg.vocab_chunk` sets and scoring only the completion positions on CPU
+        too (see `fused_head_tiles`); with `chunked_logprobs=False`, the model's own full logits instead."""
+        if not self.cfg.chunked_logprobs:
+            return self._materialized_logprobs(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
             )
+        with fused_head_tiles(self.cfg, input_ids.device):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
+
+    def _materialized_logprobs(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """The reference path: `micro_batch x (completion + 1) x vocab` logits from the model's own forward, then
+        TRL's log-softmax and entropy over them (as TRL did before its fused head). Padding scores 0, as fused."""
+        from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
+        if extra := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
+            raise ValueError(f"chunked_logprobs=False supports text-only dense models; got {', '.join(extra)}")
+        batch_size = batch_size or input_ids.size(0)
+        logprobs, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                logits = model(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_to_keep=logits_to_keep + 1
+                ).logits
+            logits = logits[:, :-1].float().contiguous()  # a strided view would be copied by the entropy, again
+            targets = input_ids[rows, -logits_to_keep:]
+            mask = attention_mask[rows, -logits_to_keep:]
+            if compute_entropy:
+                row_logprobs, row_entropies = selective_log_softmax_and_entropy(
+                    logits, targets, temperature=self.temperature, row_mask=mask
+                )
+                entropies.append(row_entropies)
+            else:
+                row_logprobs = selective_log_softmax(logits, targets, self.temperature, mask)
+            logprobs.append(row_logprobs)
+        return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
 
     def _policy_logprobs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy log-probs and entropies. If the loss names `backward_rows`, a no-grad pass decides them and only
@@ -326,22 +364,29 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
 
 @contextlib.contextmanager
-def fused_head_scores_labelled_positions():
-    """Make TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) score only the labelled positions on CPU.
+def fused_head_tiles(cfg: TrainConfig, device: torch.device):
+    """TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) on `device`, in tiles `cfg.vocab_chunk` vocabulary
+    entries wide, scoring only the labelled positions on CPU too.
 
-    On CUDA/XPU it projects just the positions whose label is not -100 (the completion); on other devices it projects
-    every position, prompt included, to keep tile shapes static for compilers (Neuron). Eager CPU needs no static
-    shapes, and the prompt's LM-head GEMMs (forward, recompute and two gradient GEMMs) cost ~25% of the learning step
-    for a 46-token chat prompt and 12 completion tokens. The log-probs and gradients are unchanged (tested).
+    Its tile width is a module constant (32768), sized for its Triton kernel; its torch fallback (CPU) holds ~8
+    tile-sized fp32 temporaries in the backward, so there a narrower tile is what keeps the logits term small
+    (benchmarks/logprob_memory.py). On CUDA/XPU it projects just the positions whose label is not -100 (the
+    completion); on other devices it projects every position, prompt included, to keep tile shapes static for
+    compilers (Neuron). Eager CPU needs no static shapes, and the prompt's LM-head GEMMs (forward, recompute and two
+    gradient GEMMs) cost ~25% of the learning step for a 46-token chat prompt and 12 completion tokens. Log-probs
+    and gradients are unchanged by either switch (tested).
     """
     import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
 
-    use_triton = trl_utils._use_triton  # read by the fused forward as its `compact` switch; kernels keep their own
-    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    vocab_chunk = cfg.vocab_chunk(triton=chunked_logprob._use_triton(device))
+    use_triton, width = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)  # the fused forward's `compact`
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
     try:
         yield
     finally:
-        trl_utils._use_triton = use_triton
+        trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = use_triton, width
 
 
 def cpu_has_native_bf16() -> bool:

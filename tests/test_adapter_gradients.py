@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -211,20 +212,22 @@ def test_no_more_forward_passes_than_trl(tmp_path, tokenizer, random_model_dir, 
     assert (ours.ref_model is None) == (kl_coef == 0)
 
 
-def test_the_fused_head_scores_only_completion_positions_on_cpu(tiny_trainer, monkeypatch):
-    """TRL's fused LM head projects every position off CUDA; the adapter's learner projects the completion's only
-    (same values and gradients: `test_gradients_equal_trl`)."""
+def test_the_fused_head_scores_only_completion_positions_on_cpu_in_the_configured_tiles(tiny_trainer, monkeypatch):
+    """TRL's fused LM head projects every position off CUDA, in 32768-wide vocabulary tiles; the adapter's learner
+    projects the completion's only, in `logprob_vocab_chunk`-wide tiles (same values and gradients:
+    `test_gradients_equal_trl`, `test_chunked_logprobs_equal_the_full_logits`)."""
     import trl.trainer.utils as trl_utils
 
-    scored: list[int] = []
+    scored: list[tuple[int, int]] = []  # (positions projected, vocabulary tile width) per call of TRL's kernel
     apply = trl_utils._ChunkedLogProbFunction.apply
 
-    def recording_apply(hidden, *args):
-        scored.append(hidden.shape[0])
-        return apply(hidden, *args)
+    def recording_apply(hidden, weight, bias, labels, temperature, vocab_chunk, *args):
+        scored.append((hidden.shape[0], vocab_chunk))
+        return apply(hidden, weight, bias, labels, temperature, vocab_chunk, *args)
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", recording_apply)
     trainer = tiny_trainer()
+    trainer.cfg = dataclasses.replace(trainer.cfg, logprob_vocab_chunk=5)
     trainer.model.train()
     torch.manual_seed(0)
     inputs = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
@@ -236,5 +239,51 @@ def test_the_fused_head_scores_only_completion_positions_on_cpu(tiny_trainer, mo
     trls, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
         trainer, trainer.model, input_ids, attention_mask, completion
     )
-    assert scored == [inputs["completion_mask"].sum().item(), input_ids.size(0) * (input_ids.size(1) - 1)]
+    assert scored == [
+        (inputs["completion_mask"].sum().item(), 5),
+        (input_ids.size(0) * (input_ids.size(1) - 1), trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE),
+    ]
     torch.testing.assert_close(ours * inputs["completion_mask"], trls * inputs["completion_mask"])
+
+
+@pytest.mark.parametrize("loss_fn", [GRPOLoss(kl_coef=KL_COEF), KondoLoss(unit="token", keep_frac=0.5)])
+def test_chunked_logprobs_equal_the_full_logits(tiny_trainer, loss_fn):
+    """Any LossFn: log-probs, entropies and gradients through the fused head's tiles (the embedded model's 18-token
+    vocabulary in tiles of 4: five tiles, the last partial; and in one tile) equal those of the full logits."""
+    trainer = tiny_trainer(loss_fn=loss_fn)
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    mask = inputs["completion_mask"]
+    assert mask.sum() < mask.numel()  # some completions ended early: padding is scored 0 on both paths
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
+    generator = torch.Generator().manual_seed(1)
+    inputs["ref_per_token_logps"] = -torch.rand(mask.shape, generator=generator)
+    inputs["old_per_token_logps"] = -torch.rand(mask.shape, generator=generator)
+
+    results = {}
+    for chunked, vocab_chunk in ((False, None), (True, 4), (True, None)):
+        trainer.cfg = dataclasses.replace(trainer.cfg, chunked_logprobs=chunked, logprob_vocab_chunk=vocab_chunk)
+        with torch.no_grad():
+            logprobs, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, attention_mask, mask.size(1), batch_size=3, compute_entropy=True
+            )
+        results[chunked, vocab_chunk] = (logprobs, entropies, parameter_grads(trainer, inputs))
+    full_logprobs, full_entropies, full_grads = results[False, None]
+    assert len(full_grads) > 0 and (full_logprobs * (1 - mask)).abs().sum() == 0
+    for logprobs, entropies, grads in (results[True, 4], results[True, None]):
+        torch.testing.assert_close(logprobs, full_logprobs, rtol=1e-5, atol=1e-6)
+        # the fused head's entropy is log Z - E[z] (two numbers of the logits' size): fp32 cancellation near 0
+        torch.testing.assert_close(entropies * mask, full_entropies * mask, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == full_grads.keys()
+        for name in full_grads:
+            torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_full_logits_refuse_multimodal_inputs(tiny_trainer):
+    trainer = tiny_trainer()
+    trainer.cfg = dataclasses.replace(trainer.cfg, chunked_logprobs=False)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="chunked_logprobs=False supports text-only dense models; got pixel_values"):
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, ids, 2, pixel_values=torch.zeros(1, 3))

@@ -4,6 +4,7 @@ prediction against torch's measured peak of real runs on the embedded model (+-1
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from nanopost_trl.train import main
 from nanopost_trl.trainer import Trainer
 
 BAND = 0.15
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_shapes_come_from_the_config_alone():
@@ -80,8 +82,14 @@ def test_parts_follow_the_config():
     assert zero3.parts["fp32 master weights"] == shape.num_params * 4 // 4
     checkpointed, plain = est(), est(dataclasses.replace(cfg, gradient_checkpointing=False))
     assert checkpointed.parts["activations"] * 5 < plain.parts["activations"]
-    materialized = est(materialized_logits=True).parts["log-prob pass"]
-    assert materialized > 6 * full.parts["log-prob pass"]  # 8 x 512 tokens x 152k vocab vs TRL's fused LM head
+    # 8 x 512 tokens x 152k vocab: full logits vs TRL's fused LM head (its Triton kernel's tile, and its CPU fallback)
+    materialized = est(dataclasses.replace(cfg, chunked_logprobs=False)).parts["log-prob pass"]
+    assert materialized > 6 * full.parts["log-prob pass"]
+    positions = cfg.micro_batch_size * cfg.max_new_tokens
+    full_logits = memory.logits_bytes(shape.vocab_size, positions, 2, "materialized")
+    assert full_logits > 20 * memory.logits_bytes(shape.vocab_size, positions, 2, "triton")
+    assert full_logits > 8 * memory.logits_bytes(shape.vocab_size, positions, 2, "torch", vocab_chunk=4096)
+    assert full_logits < 2 * memory.logits_bytes(shape.vocab_size, positions, 2, "torch", vocab_chunk=32768)
 
 
 def test_verdict_and_the_knob_that_helps_most():
@@ -160,3 +168,17 @@ def test_multi_node_config_is_estimated_per_process(capsys):
     assert machines.peak < one_machine.peak and machines.fits
     main(["--preset", "QWEN_3B_8xA100", "--estimate", "--num_processes", str(processes), "--zero_stage", str(stage)])
     assert f"{processes} process(es), ZeRO 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_logits_term_of_both_log_prob_paths_is_within_15_percent_of_measured(bf16):
+    """Qwen2.5-0.5B's LM head (152k vocabulary), 512 completion positions (benchmarks/logprob_memory.py): the
+    planner's logits term against torch's accounting for full logits and TRL's fused head at both tile widths, and
+    the fused head's 4096-wide tiles holding >= 8x less than the full logits."""
+    spec = importlib.util.spec_from_file_location("logprob_memory", BENCHMARKS / "logprob_memory.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    terms = benchmark.logits_terms(benchmark.QWEN2_5_0_5B, micro=1, completion_tokens=512, bf16=bf16, prompt_tokens=16)
+    for setting, (measured, predicted) in terms.items():
+        assert abs(predicted / measured - 1) <= BAND, (setting, predicted, measured)
+    assert terms["full logits"][0] >= 8 * terms["fused, tile 4096"][0]
