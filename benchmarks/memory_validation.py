@@ -51,7 +51,7 @@ QWEN2_40M = dict(
 
 def cases(short: int, long: int) -> list[tuple[str, dict[str, Any]]]:
     """(label, config overrides): two batch shapes (`short` and `long` new tokens), then the larger one with
-    gradient checkpointing, with LoRA, and with a reference model."""
+    gradient checkpointing, with LoRA, with a reference model, and with both (the reference is the disabled adapter)."""
     large = dict(prompts_per_step=2, responses_per_prompt=4, micro_batch_size=8, max_new_tokens=long)
     return [
         (
@@ -62,6 +62,7 @@ def cases(short: int, long: int) -> list[tuple[str, dict[str, Any]]]:
         (f"8 x {long}, micro 4, grad ckpt", dict(large, micro_batch_size=4, gradient_checkpointing=True)),
         (f"8 x {long}, micro 8, LoRA r=16", dict(large, lora_r=16)),
         (f"8 x {long}, micro 8, reference", dict(large, kl_coef=0.05)),
+        (f"8 x {long}, micro 8, LoRA r=16 + reference", dict(large, lora_r=16, kl_coef=0.05)),
     ]
 
 

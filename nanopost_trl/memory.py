@@ -107,6 +107,9 @@ PRESET_TARGETS: dict[str, tuple[int, int, int]] = {
 # Measured coefficients (see the module docstring).
 _LAYER_HIDDEN, _LAYER_INTERMEDIATE = 10, 4  # saved activation elements per token and layer, per hidden / intermediate
 _MODEL_HIDDEN = 3  # per token outside the layers: embedding output, final norm
+_LORA_UNSAVED_HIDDEN = (
+    3  # per token and layer, kept only for the gradients of weights LoRA freezes (saved-tensor hooks)
+)
 _FUSED_TOKENS = 4096  # positions per tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
 _TORCH_TILE_FORWARD, _TORCH_TILE_BACKWARD = 3, 7.25  # fp32 tile-sized temporaries of TRL's torch fallback
 _FULL_LOGITS_FORWARD, _FULL_LOGITS_BACKWARD = 2, 2.5  # fp32 positions x vocab tensors alive with full logits
@@ -234,11 +237,15 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def activation_bytes(shape: ModelShape, sequences: int, seq_len: int, nbytes: int, checkpointing: bool) -> int:
+def activation_bytes(
+    shape: ModelShape, sequences: int, seq_len: int, nbytes: int, checkpointing: bool, lora: bool = False
+) -> int:
     """Saved activations of a grad-carrying forward over `sequences x seq_len` tokens (one layer recomputed at a
-    time under gradient checkpointing, with each layer's input kept)."""
+    time under gradient checkpointing, with each layer's input kept); under LoRA, less what only the frozen
+    weights' gradients would read."""
     tokens = sequences * seq_len
-    layer = _LAYER_HIDDEN * shape.hidden_size + _LAYER_INTERMEDIATE * shape.intermediate_size + seq_len
+    per_hidden = _LAYER_HIDDEN - lora * _LORA_UNSAVED_HIDDEN
+    layer = per_hidden * shape.hidden_size + _LAYER_INTERMEDIATE * shape.intermediate_size + seq_len
     kept = shape.hidden_size if checkpointing else layer
     return tokens * nbytes * (shape.num_layers * kept + _MODEL_HIDDEN * shape.hidden_size + checkpointing * layer)
 
@@ -271,11 +278,17 @@ def logits_bytes(
 
 
 def logprob_pass_bytes(
-    shape: ModelShape, positions: int, nbytes: int, path: str = "triton", vocab_chunk: int = TRL_VOCAB_CHUNK
+    shape: ModelShape,
+    positions: int,
+    nbytes: int,
+    path: str = "triton",
+    vocab_chunk: int = TRL_VOCAB_CHUNK,
+    head_trained: bool = True,
 ) -> int:
     """The log-prob pass over `positions` hidden states, forward and backward: the logits term (`logits_bytes`),
-    and the gradients of the hidden states and of the LM head (fp32 on the fused head, which accumulates in fp32)."""
-    head_bytes = nbytes if path == "materialized" else 4
+    and the gradients of the hidden states and, when it is trained, of the LM head (fp32 on the fused head, which
+    accumulates in fp32)."""
+    head_bytes = (nbytes if path == "materialized" else 4) if head_trained else 0
     return (
         logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk)
         + positions * shape.hidden_size * 4
@@ -352,8 +365,9 @@ def estimate(
     parts["generation transient"] = max(
         prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, tile_forward if scored else 0
     )
-    parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing)
-    parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk)
+    parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing, bool(lora))
+    head_trained = not lora or "lm_head" in cfg.lora_target_modules  # peft's "all-linear" leaves the head out
+    parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk, head_trained)
 
     resident = parts["policy weights"] + parts["AdamW states"] + parts["fp32 master weights"] + parts["actor copy"]
     generation = resident + parts["reference model"] + kv + parts["generation transient"]
@@ -366,7 +380,7 @@ def estimate(
         + reference
         + max(
             parts["activations"] + parts["log-prob pass"] + grads_during_forward,
-            parts["gradients"] + activation_bytes(shape, micro, seq_len, nbytes, True),
+            parts["gradients"] + activation_bytes(shape, micro, seq_len, nbytes, True, bool(lora)),
         )
     )
     device_bytes = None if device_gb is None else int(device_gb * GIB)

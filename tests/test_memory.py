@@ -43,8 +43,13 @@ def test_gguf_shapes_match_the_known_smollm2_architecture():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(micro_batch_size=8), dict(micro_batch_size=4, gradient_checkpointing=True)],
-    ids=["plain", "grad-ckpt"],
+    [
+        dict(micro_batch_size=8),
+        dict(micro_batch_size=4, gradient_checkpointing=True),
+        dict(micro_batch_size=8, lora_r=16),
+        dict(micro_batch_size=8, lora_r=16, kl_coef=0.05),
+    ],
+    ids=["plain", "grad-ckpt", "lora", "lora-reference"],
 )
 def test_predicted_peak_is_within_15_percent_of_measured_on_the_embedded_model(tmp_path, overrides):
     cfg = Preset.TINY_SMOKE.make(
@@ -54,7 +59,9 @@ def test_predicted_peak_is_within_15_percent_of_measured_on_the_embedded_model(t
     loss = GRPOLoss(kl_coef=cfg.kl_coef)
     measured, _ = memory.measure_peak(lambda: Trainer(cfg).run(loss_fn=loss, tasks=tasks))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(TINY_MODEL))
-    prompt = max(len(tokenizer.apply_chat_template(t.prompt, add_generation_prompt=True)) for t in tasks)
+    prompt = max(
+        len(tokenizer.apply_chat_template(t.prompt, add_generation_prompt=True, return_dict=False)) for t in tasks
+    )
     predicted = memory.estimate(
         cfg, uses_reference=loss.uses_reference, prompt_tokens=prompt, on_gpu=False, advise=False
     ).peak
