@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig
-from nanopost_trl.models import check_gguf_file, gguf_source, resolve_model_path
+from nanopost_trl.models import check_model, resolve_model_path
 
 GIB = 2**30
 ZERO_STAGES = (0, 2, 3)  # 0: no DeepSpeed (DDP or one process)
@@ -145,11 +145,10 @@ def model_config(model: str):
     a hub id already in the local Hugging Face cache."""
     from transformers import AutoConfig
 
-    gguf = gguf_source(model)
+    gguf = check_model(model)
     if gguf is not None:  # the header only: a GGUF is converted (weights read) by `resolve_model_path`, not here
-        check_gguf_file(gguf)
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    path = Path(resolve_model_path(model))
+    path = Path(resolve_model_path(model))  # not a GGUF: nothing is converted
     if path.is_dir():
         return AutoConfig.from_pretrained(str(path))
     if model in KNOWN_ARCHITECTURES:
@@ -360,10 +359,10 @@ def estimate(
     path = ("triton" if on_gpu else "torch") if cfg.chunked_logprobs else "materialized"
     vocab_chunk = cfg.vocab_chunk(triton=on_gpu)
     # no-grad log-prob passes after sampling (reference, actor under staleness)
-    tile_forward = logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk, forward_only=True)
+    scoring_pass = logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk, forward_only=True)
     scored = uses_reference or cfg.sync_interval > 1 or cfg.num_iterations > 1
     parts["generation transient"] = max(
-        prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, tile_forward if scored else 0
+        prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, scoring_pass if scored else 0
     )
     parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing, bool(lora))
     head_trained = not lora or "lm_head" in cfg.lora_target_modules  # peft's "all-linear" leaves the head out

@@ -233,8 +233,8 @@ class RunLogger(TrainerCallback):
             model_dir=model_dir,
             eval_before=_strip_eval(self.eval_before),
             eval_after=_strip_eval(self.eval_after),
-            reward_first=sum(rewards[:window]) / len(rewards[:window]) if rewards else None,
-            reward_last=sum(rewards[-window:]) / len(rewards[-window:]) if rewards else None,
+            reward_first=sum(rewards[:window]) / window if rewards else None,  # window <= len(rewards)
+            reward_last=sum(rewards[-window:]) / window if rewards else None,
             final_metrics=rows[-1] if rows else {},
             reward_window=window,
         )
