@@ -18,23 +18,52 @@ Prompt = str | list[dict[str, Any]]
 
 @dataclasses.dataclass
 class LearnerBatch:
-    """What a loss sees: tensors only, no raw tokens. B sequences, T completion positions.
+    """What a loss sees: tensors only, no raw tokens. B sequences of one micro-batch, T completion positions.
 
     `loss_mask[:, 1:]` lines up with the log-prob tensors (column 0 is the last prompt position), so
-    `mask = batch.loss_mask[:, 1:]` selects the completion tokens that count.
+    `mask = batch.loss_mask[:, 1:]` selects the completion tokens that count (tool-result tokens never count).
+
+    How the returned loss is scaled: the adapter divides it by the number of micro-batches a process accumulates into
+    one optimizer step, and DDP/DeepSpeed average the gradients over processes. So a loss that is a mean over its own
+    micro-batch trains on the step's mean, and a loss that divides its masked token sum by `tokens_per_micro_batch`
+    trains on (sum over every token of the step) / `num_items_in_batch`: TRL's "dapo" normalisation, exactly, however
+    the step is split into micro-batches and processes (`losses.ops.aggregate(..., "step_token_mean")`).
+
+    The fields after `loss_mask` have defaults, so a batch built with the original six still works; the adapter fills
+    them all. A field is None when the run does not produce it (the reference without a reference model).
     """
 
     policy_logprobs: torch.Tensor  # (B, T), requires grad: log pi_theta of each sampled completion token
     rollout_logprobs: torch.Tensor  # (B, T): log-probs under the policy that sampled the token (the actor; vLLM's)
     reference_logprobs: torch.Tensor | None  # (B, T) under the frozen reference; None when the loss does not use it
     advantages: torch.Tensor  # (B, 1), broadcastable over tokens
-    rewards: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,): the weighted sum of the reward components
     loss_mask: torch.Tensor  # (B, T + 1), float 0/1
+    # (B, T), same graph as policy_logprobs: each position's policy entropy at temperature 1/`temperature` (with grad,
+    # for an entropy bonus; `.detach()` it to build a mask). 0 on padding.
+    entropies: torch.Tensor | None = None
+    # () float: valid completion tokens of the whole optimizer step, over all processes and micro-batches (TRL's
+    # `num_items_in_batch`). None only in a hand-built batch.
+    num_items_in_batch: torch.Tensor | None = None
+    micro_batches_per_step: int = 1  # processes x accumulated micro-batches in one optimizer step
+    truncated: torch.Tensor | None = None  # (B,) bool: the completion hit max_new_tokens without an end-of-sequence
+    reward_components: torch.Tensor | None = None  # (B, C): each reward function's unweighted score
+    reward_names: tuple[str, ...] = ()  # the C component names, in column order
 
     @property
     def mask(self) -> torch.Tensor:
         """The (B, T) mask aligned with the log-prob tensors, i.e. `loss_mask[:, 1:]`."""
         return self.loss_mask[:, 1:]
+
+    @property
+    def tokens_per_micro_batch(self) -> torch.Tensor:
+        """`num_items_in_batch / micro_batches_per_step`: divide a masked token sum by it for TRL's "dapo" scaling."""
+        if self.num_items_in_batch is None:
+            raise ValueError(
+                "this LearnerBatch has no num_items_in_batch (the step's valid-token count): the adapter sets it; "
+                "a hand-built batch must pass it to use step-level token normalisation"
+            )
+        return self.num_items_in_batch.clamp(min=1) / self.micro_batches_per_step
 
 
 class LossFn(abc.ABC):
