@@ -87,8 +87,20 @@ class LossFn(abc.ABC):
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages from rewards grouped by prompt, (G, K) -> (G, K). Default: GRPO's group normalisation
-        (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`."""
+        (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`.
+
+        An override may take a keyword `components: dict[str, Tensor]` (each reward function's unweighted (G, K)
+        scores, by name) to normalise the components apart, as GDPO does; the adapter passes it when it is declared.
+        """
         return group_normalized_advantages(rewards)
+
+    def keep_groups(self, rewards: torch.Tensor) -> torch.Tensor | None:
+        """(G,) bool from the (G, K) grouped rewards: the prompt groups to train on; None (default) = all.
+
+        A dropped group gets no gradient (DAPO's dynamic sampling drops groups whose rewards are all equal: zero
+        advantage, no signal). With `TrainConfig.oversample_groups` the step samples extra groups to refill.
+        """
+        return None
 
     def backward_rows(self, batch: LearnerBatch) -> torch.Tensor | None:
         """(B,) bool: the sequences that need a backward pass, decided from a detached batch; None (default) = all.
