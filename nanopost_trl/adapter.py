@@ -85,10 +85,35 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self.actor.weights(params) if staleness else contextlib.nullcontext(),
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
         ):
-            output = super()._generate_and_score_completions(inputs)
-            if staleness:
-                with torch.no_grad():
-                    output["old_per_token_logps"] = self._policy_logprobs(self.model, output, scoring=True)[0]
+            scored = [self._scored_groups(inputs, staleness)]
+            refill = learner.GroupRefill(self.num_generations, len(inputs), self.accelerator.num_processes)
+            while len(scored) <= self.cfg.refill_rounds and refill.short(keep for _, keep in scored):
+                seed = hash((self.args.seed, self.state.global_step, len(scored), self.accelerator.process_index))
+                scored.append(self._scored_groups(refill.rows(self.train_dataset, seed), staleness))
+        outputs, keeps = zip(*scored, strict=True)
+        output = trl_bridge.concat_generation_outputs(list(outputs), self.tokenizer.pad_token_id)
+        rank = self.accelerator.process_index
+        rows, kept = refill.select([refill.local(keep, rank) for keep in keeps])
+        output = trl_bridge.keep_rows(self, trl_bridge.select_rows(output, rows), kept)
+        log_metrics(
+            self,
+            {
+                "prompt_len_mean": trl_bridge.prompt_lengths(self, output).mean().item(),
+                "generation_time_s": time.perf_counter() - start,
+                "actor_staleness": float(staleness),
+                "groups_dropped": sum(float((~keep).sum()) for keep in keeps) / self.num_generations,
+                "groups_refilled": (len(scored) - 1) * refill.groups_per_process * self.accelerator.num_processes,
+            },
+        )
+        return output
+
+    def _scored_groups(self, inputs: list[dict], staleness: int) -> tuple[dict, torch.Tensor]:
+        """TRL's generation output for `inputs` with this process's advantages, rewards, reward components and
+        truncation flags, and the (all processes') rows whose group the loss keeps."""
+        output = super()._generate_and_score_completions(inputs)
+        if staleness:
+            with torch.no_grad():
+                output["old_per_token_logps"] = self._policy_logprobs(self.model, output, scoring=True)[0]
         components, self.step_rewards = self.step_rewards, None
         rewards = components @ self.reward_weights.to(components.device)
         advantages, keep = learner.group_advantages(
@@ -96,25 +121,15 @@ class NanopostGRPOTrainer(GRPOTrainer):
         )
         rank, size = self.accelerator.process_index, len(inputs)
         local = slice(rank * size, (rank + 1) * size)
-        output |= {"advantages": advantages[local], "rewards": rewards[local], "reward_components": components[local]}
-        output["truncated"] = learner.truncated(
-            output["completion_ids"], output["completion_mask"], [*self.eos_token_ids, self.tokenizer.pad_token_id]
-        )
-        if not keep.all():  # dropped groups: no loss, and out of the step's token count
-            output["completion_mask"] = output["completion_mask"] * keep[local].unsqueeze(1)
-            loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
-            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        prompt_tokens = self.accelerator.gather(output["prompt_mask"].sum(dim=1)).float()
-        log_metrics(
-            self,
-            {
-                "prompt_len_mean": prompt_tokens.mean().item(),
-                "generation_time_s": time.perf_counter() - start,
-                "actor_staleness": float(staleness),
-                "groups_dropped": float((~keep).sum().item() / self.num_generations),
-            },
-        )
-        return output
+        completion_ids, completion_mask = trl_bridge.completions(output)
+        return output | {
+            "advantages": advantages[local],
+            "rewards": rewards[local],
+            "reward_components": components[local],
+            "truncated": learner.truncated(
+                completion_ids, completion_mask, [*self.eos_token_ids, self.tokenizer.pad_token_id]
+            ),
+        }, keep
 
     # --- log-probs: TRL's fused LM head in the configured tiles, or the model's full logits
     def _get_per_token_logps_and_entropies(
@@ -137,13 +152,12 @@ class NanopostGRPOTrainer(GRPOTrainer):
         """Policy log-probs, entropies and MoE router loss (None without one) of a micro-batch; with a loss that
         declares `backward_rows`, the grad-carrying forward runs on its kept rows only. `scoring`: log-probs only,
         in TRL's scoring batch size."""
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        input_ids, attention_mask, logits_to_keep = trl_bridge.model_inputs(inputs)
         batch_size = self.args.per_device_train_batch_size if scoring else None
 
         def forward(rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._get_per_token_logps_and_entropies(
-                model, input_ids[rows], attention_mask[rows], inputs["completion_ids"].size(1), batch_size,
+                model, input_ids[rows], attention_mask[rows], logits_to_keep, batch_size,
                 compute_entropy=not scoring, compute_aux_loss=self.aux_loss_enabled and not scoring,
             )  # fmt: skip
 

@@ -92,6 +92,13 @@ class TrainConfig:
     save_final_model: bool = field(default=True, metadata={"help": "save_pretrained the final model/adapter."})
     wandb_log: bool = field(default=False, metadata={"help": "Report to Weights & Biases."})
     wandb_project: str = field(default="nanopost_trl", metadata={"help": "W&B project."})
+    refill_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "With a loss that drops prompt groups (keep_groups, e.g. DAPO's all-equal rewards): sample up to N "
+            "more generation batches per step so the step still trains on prompts_per_step kept groups."
+        },
+    )
     skip_nonfinite: bool = field(
         default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
     )
@@ -150,6 +157,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.bf16_weights=True needs bf16=True (bf16 weights run bf16 compute)")
         if self.logprob_vocab_chunk is not None and self.logprob_vocab_chunk < 1:
             raise ValueError(f"TrainConfig.logprob_vocab_chunk must be >= 1 (or None), got {self.logprob_vocab_chunk}")
+        if self.refill_rounds < 0:
+            raise ValueError(f"TrainConfig.refill_rounds must be >= 0, got {self.refill_rounds}")
         if self.eval_pass_k == 1 or self.eval_pass_k < 0:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
 
@@ -311,6 +320,11 @@ def to_grpo_config(
         raise ValueError(
             f"micro_batch_size={cfg.micro_batch_size} must divide the {per_process} completions each process "
             f"handles per step"
+        )
+    if cfg.refill_rounds and per_process % cfg.responses_per_prompt:
+        raise ValueError(
+            f"refill_rounds needs whole prompt groups on each process: responses_per_prompt="
+            f"{cfg.responses_per_prompt} must divide the {per_process} completions each process handles per step"
         )
     return GRPOConfig(
         output_dir=str(output_paths(cfg)["checkpoints"]),

@@ -159,6 +159,7 @@ def learner_batch(
         sampler_logprobs = inputs["sampling_per_token_logps"]
         rollout_logprobs = torch.where(sampler_logprobs.isnan(), rollout_logprobs, sampler_logprobs)
     training = metrics_mode(trainer) == "train"
+    num_items_in_batch = inputs.get("num_items_in_batch")  # TRL always sets it; a hand-built input may not
     return base.LearnerBatch(
         policy_logprobs=policy_logprobs,
         rollout_logprobs=rollout_logprobs,
@@ -167,13 +168,91 @@ def learner_batch(
         rewards=inputs["rewards"],
         loss_mask=torch.cat([inputs["prompt_mask"][:, -1:], mask], dim=1).to(policy_logprobs.dtype),
         entropies=entropies,
-        num_items_in_batch=inputs["num_items_in_batch"].float(),
+        num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch.float(),
         micro_batches_per_step=trainer.accelerator.num_processes
         * (trainer.current_gradient_accumulation_steps if training else 1),
         truncated=inputs.get("truncated"),
         reward_components=inputs.get("reward_components"),
         reward_names=tuple(trainer.reward_func_names),
     )
+
+
+# TRL's per-row generation outputs and how to pad them: key -> (side, pad value; None = the tokenizer's pad id).
+PADDED_KEYS: dict[str, tuple[Literal["left", "right"], float | None]] = {
+    "prompt_ids": ("left", None),
+    "prompt_mask": ("left", 0),
+    "completion_ids": ("right", None),
+    "completion_mask": ("right", 0),
+    "tool_mask": ("right", 1),
+    "old_per_token_logps": ("right", 0.0),
+    "ref_per_token_logps": ("right", 0.0),
+    "sampling_per_token_logps": ("right", 0.0),
+    "importance_sampling_ratio": ("right", 1.0),
+}
+ROW_KEYS = ("advantages", "rewards", "reward_components", "truncated")  # the adapter's own (B, ...) keys
+
+
+def concat_generation_outputs(outputs: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Several generation outputs of TRL (each with the adapter's row keys) as one, re-padded to common widths; the
+    step's token count is their sum. Multimodal outputs are refused (their image tensors are not per row)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if unknown := sorted(set().union(*outputs) - set(PADDED_KEYS) - set(ROW_KEYS) - {"num_items_in_batch"}):
+        raise ValueError(f"cannot merge generation outputs with {', '.join(unknown)} (multimodal inputs)")
+    merged: dict[str, Any] = {}  # in TRL's key order: its shuffle sizes the batch by the first value
+    for key in outputs[0]:
+        if key == "num_items_in_batch":
+            merged[key] = sum(o[key] for o in outputs)
+        elif key in ROW_KEYS:
+            merged[key] = torch.cat([o[key] for o in outputs])
+        elif key in PADDED_KEYS:
+            side, value = PADDED_KEYS[key]
+            tensors = [o[key] for o in outputs]
+            width = max(t.size(1) for t in tensors)
+            pad = pad_token_id if value is None else value
+            merged[key] = torch.cat(
+                [
+                    torch.nn.functional.pad(
+                        t, (width - t.size(1), 0) if side == "left" else (0, width - t.size(1)), value=pad
+                    )
+                    for t in tensors
+                ]
+            )
+    return merged
+
+
+def model_inputs(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, completion length) of a generation output: prompt and completion side by side."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    return input_ids, attention_mask, inputs["completion_ids"].size(1)
+
+
+def completions(output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion_ids, completion_mask) of a generation output, right-padded."""
+    return output["completion_ids"], output["completion_mask"]
+
+
+def prompt_lengths(trainer: trl.GRPOTrainer, output: dict[str, Any]) -> torch.Tensor:
+    """Every process's prompt lengths in tokens (float)."""
+    return trainer.accelerator.gather(output["prompt_mask"].sum(dim=1)).float()
+
+
+def keep_rows(trainer: trl.GRPOTrainer, output: dict[str, Any], kept: torch.Tensor | None) -> dict[str, Any]:
+    """The output with the completions of rows not `kept` ((B,) bool; None = all) out of the loss and of the step's
+    token count, which is recounted over processes (every process calls it)."""
+    if kept is not None:
+        output["completion_mask"] = output["completion_mask"] * kept.unsqueeze(1)
+    loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+    output["num_items_in_batch"] = trainer.accelerator.gather(loss_mask.sum()).sum()
+    return output
+
+
+def select_rows(output: dict[str, Any], rows: torch.Tensor | None) -> dict[str, Any]:
+    """The generation output restricted to `rows` (indices; None = all); the token count is left to `keep_rows`."""
+    if rows is None:
+        return output
+    return {key: value[rows] if key in PADDED_KEYS or key in ROW_KEYS else value for key, value in output.items()}
 
 
 def importance_sampling_ratio(inputs: dict[str, Any]) -> torch.Tensor | None:

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from examples.simple_pg import SimplePG
-from nanopost_trl import analysis, base
+from nanopost_trl import analysis, base, learner
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
 from nanopost_trl.trainer import Trainer, latest_checkpoint
+from nanopost_trl.utils import read_rows
 
 
 def smoke(tmp_path, **overrides):
@@ -217,3 +218,54 @@ def test_offloaded_reference_stays_on_cpu_and_still_scores(tmp_path):
     summary = trainer.run(loss_fn=GRPOLoss())
     assert next(trainer.grpo_trainer.ref_model.parameters()).device.type == "cpu"
     assert summary.final_metrics["loss_kl_ref"] >= 0
+
+
+@dataclasses.dataclass
+class DropFlatGroups(Recording):
+    """Keeps only the prompt groups whose rewards vary (DAPO's dynamic sampling)."""
+
+    def keep_groups(self, rewards):
+        return rewards.std(dim=-1) > 0
+
+
+def mostly_flat_reward(completions, instances):
+    """0.5 for every completion of two prompts in three (a flat group, no signal); else an integer that varies."""
+    return [
+        0.5 if sum(map(ord, str(instance.prompt))) % 3 else float(sum(map(ord, completion)) % 7)
+        for completion, instance in zip(completions, instances, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("refill_rounds", [0, 3])
+def test_dropped_groups_train_nothing_and_refills_keep_the_step_full(tmp_path, refill_rounds):
+    loss = DropFlatGroups()
+    cfg = smoke(tmp_path, num_steps=3, prompts_per_step=4, micro_batch_size=16, refill_rounds=refill_rounds)
+    summary = Trainer(cfg).run(loss_fn=loss, tasks="addition", reward_fn=mostly_flat_reward)
+    assert [len(batch["rewards"]) for batch in loss.batches] == [cfg.completions_per_step] * cfg.num_steps
+    for batch in loss.batches:
+        flat = batch["rewards"] == 0.5
+        assert (batch["loss_mask"][flat, 1:] == 0).all()  # dropped groups carry no loss ...
+        assert batch["num_items_in_batch"] == batch["loss_mask"][:, 1:].sum()  # ... and no tokens in the count
+    rows = read_rows(summary.log_path)[1:]
+    assert sum(row["groups_dropped"] for row in rows) > 0
+    refilled = [row["groups_refilled"] for row in rows]
+    assert all(r == 0 for r in refilled) if refill_rounds == 0 else any(r > 0 for r in refilled)
+    if refill_rounds:  # a refilled step trains on more varied groups than the first generation alone held
+        kept = [int((batch["rewards"] != 0.5).sum()) for batch in loss.batches]
+        assert max(kept) > cfg.completions_per_step / 3
+
+
+def test_group_refill_selects_each_process_share_kept_groups_first():
+    refill = learner.GroupRefill(group_size=2, rows_per_process=4, num_processes=2)
+    first = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # process 0 keeps 1 group, process 1 none
+    assert refill.short([first])
+    second = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    assert refill.short([first, second])  # process 1 holds one kept group of its two
+    third = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert not refill.short([first, second, third])
+    rows, kept = refill.select([refill.local(keep, 1) for keep in (first, second, third)])
+    assert rows.tolist() == [4, 5, 10, 11] and kept.all()  # its kept groups of rounds 2 and 3
+    rows, kept = refill.select([refill.local(keep, 0) for keep in (first, second)])
+    assert rows.tolist() == [0, 1, 6, 7] and kept.all()  # round 1's kept group, then round 2's
+    rows, kept = refill.select([refill.local(first, 1)])
+    assert rows is None and not kept.any()  # one round: every row, the dropped ones masked
