@@ -31,6 +31,6 @@ class SAPOLoss(SurrogateLoss):
     def surrogate(
         self, batch: base.LearnerBatch, ratio: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, base.Metrics]:
-        tau = torch.where(batch.advantages > 0, self.tau_pos, self.tau_neg)
+        tau = torch.full_like(batch.advantages, self.tau_neg).masked_fill(batch.advantages > 0, self.tau_pos)
         gate = torch.sigmoid(tau * (ratio - 1))
         return -(4 / tau) * gate * batch.advantages, {"gate_mean": masked_mean(gate.detach(), mask)}

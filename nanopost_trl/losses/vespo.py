@@ -44,8 +44,8 @@ class VESPOLoss(SurrogateLoss):
         log_ratio = torch.clamp(batch.policy_logprobs.detach() - batch.rollout_logprobs, -20.0, 20.0)
         log_w = torch.clamp((log_ratio * mask).sum(-1, keepdim=True), MIN_LOG_WEIGHT, 20.0)
         nonneg = batch.advantages >= 0
-        k = torch.where(nonneg, self.k_pos, self.k_neg)
-        lam = torch.where(nonneg, self.lambda_pos, self.lambda_neg).clamp(min=1e-4)
+        k = torch.full_like(log_w, self.k_neg).masked_fill(nonneg, self.k_pos)
+        lam = torch.full_like(log_w, self.lambda_neg).masked_fill(nonneg, self.lambda_pos).clamp(min=1e-4)
         return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
     def surrogate(
