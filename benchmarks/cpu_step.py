@@ -31,12 +31,13 @@ from transformers import AutoTokenizer
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.models import resolve_model_path
-from nanopost_trl.rewards import Correctness
+from nanopost_trl.models import load_model_and_tokenizer, resolve_model_path
+from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset, load_model_and_tokenizer
+from nanopost_trl.trainer import build_dataset
 
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "bf16_weights": {"bf16": True, "bf16_weights": True}}
 

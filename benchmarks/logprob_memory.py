@@ -28,11 +28,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nanopost_trl import memory
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import QWEN_0_5B, TRL_VOCAB_CHUNK, Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import TINY_MODEL, resolve_model_path
+from nanopost_trl.rewards import RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+from nanopost_trl.trainer import build_dataset
 
 COMPLETION_TOKENS = 512
 SETTINGS = {  # label: (chunked_logprobs, logprob_vocab_chunk)

@@ -26,12 +26,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOTrainer
 
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.assets import TINY_MODEL_PATH
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.rewards import Correctness
+from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+from nanopost_trl.trainer import build_dataset
 
 MODELS = {
     "embedded tiny": None,  # the shipped checkpoint

@@ -1,6 +1,6 @@
 """The four paper-style types: LossFn, RewardFn, LearnerBatch, TaskInstance.
 
-Everything a researcher writes is expressed in these types; the adapter in `trainer.py` translates them onto TRL.
+Everything a researcher writes is expressed in these types; the adapter in `adapter.py` translates them onto TRL.
 """
 
 from __future__ import annotations

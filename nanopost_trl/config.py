@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -296,13 +295,10 @@ def to_grpo_config(
     completions and back-propagates them `micro_batch_size` at a time (gradient accumulation covers the rest).
     TRL's `beta` only gates the reference model here (the loss owns its KL coefficient), so it is 1.0 when the loss
     reads reference log-probs and 0.0 (no reference model, no reference forward pass) otherwise.
-    With `wandb_log`, sets WANDB_PROJECT (read by transformers' WandbCallback) to `cfg.wandb_project`.
+    With `wandb_log`, TRL reports to W&B; `Trainer.run` opens the run in `cfg.wandb_project` (no environment change).
     """
     import torch
     from trl import GRPOConfig
-
-    if cfg.wandb_log:
-        os.environ["WANDB_PROJECT"] = cfg.wandb_project
 
     if cfg.completions_per_step % num_processes:
         raise ValueError(

@@ -19,8 +19,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanopost_trl.base import TaskInstance
+    from nanopost_trl.config import TrainConfig
 
 TINY_MODEL = "nanopost-tiny"  # the model shipped inside the package (nanopost_trl/assets/tiny)
 GGUF_MAGIC = b"GGUF"
@@ -168,3 +175,59 @@ def _convert(path: Path, out: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# --- loading a run's model: precision, tokenizer, LoRA
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); elsewhere torch emulates it, slowly."""
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def with_supported_precision(cfg: TrainConfig) -> TrainConfig:
+    """`cfg`, with bf16 turned off (and a warning saying so) on a CPU-only machine without native bf16."""
+    import torch
+
+    if cfg.bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        warnings.warn("bf16=True, but this CPU has no native bf16 (AVX512-BF16 or AMX): running in fp32", stacklevel=3)
+        return dataclasses.replace(cfg, bf16=False, bf16_weights=False)
+    return cfg
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    """The run's model (fp32 master weights, or bf16 with `bf16_weights`) and its left-padding tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.model, cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16_weights else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_chat_template(tokenizer, instances: Sequence[TaskInstance], model: str) -> None:
+    """Chat-message prompts need the tokenizer's chat template: fail before training, naming the model."""
+    if tokenizer.chat_template is None and any(isinstance(i.prompt, list) for i in instances):
+        raise ValueError(
+            f"the tokenizer of {model!r} has no chat template, but the task prompts are chat messages: use a model "
+            "with one (an instruct model), set `tokenizer.chat_template`, or give the tasks plain-text prompts"
+        )
+
+
+def lora_config(cfg: TrainConfig):
+    """peft's LoraConfig for `cfg.lora_r > 0`, else None (full fine-tuning)."""
+    if cfg.lora_r == 0:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )

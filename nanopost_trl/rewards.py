@@ -2,7 +2,9 @@
 
 A RewardFn returns one float per completion, or NaN for a completion it could not score (its grader raised or ran
 past its time limit); the trainer turns NaN into 0.0 and logs the count as `reward_errors`. `safe_grade` is the
-per-completion guard: it never lets a grader crash or hang the run, and counts what it caught in `grader_stats`.
+per-completion guard: it never lets a grader crash or hang the run, and counts what it caught in the innermost
+`counting_graders()` block (training's reward calls run in one; the held-out evaluation's do not, so an eval time-out
+never shows up in a training step's `reward_timeouts`). `RewardAdapter` hands a RewardFn to TRL.
 
 Timeout mechanism: in the main thread, `signal.setitimer(ITIMER_REAL)` + a SIGALRM handler that raises
 `GraderTimeout`, which interrupts a hung pure-Python grader (a loop, a `time.sleep`, sympy) at its next bytecode.
@@ -20,22 +22,38 @@ turns math-verify's off for this reason).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import gc
+import inspect
 import math
 import re
 import signal
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from nanopost_trl.base import RewardFn, TaskInstance
 
 DEFAULT_TIMEOUT_S = 5.0
 ALARM_REPEAT_S = 0.05
+REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
 
-# Graders caught by safe_grade since the trainer last read and cleared this: keys "errors" and "timeouts".
-grader_stats: collections.Counter[str] = collections.Counter()
+# The counters of the open `counting_graders()` blocks, innermost last (any thread's graders count in it).
+_grader_counts: list[collections.Counter[str]] = []
+
+
+@contextlib.contextmanager
+def counting_graders() -> Iterator[collections.Counter[str]]:
+    """Count the graders `safe_grade` catches inside the block: a Counter with keys "errors" and "timeouts"."""
+    counts: collections.Counter[str] = collections.Counter()
+    _grader_counts.append(counts)
+    try:
+        yield counts
+    finally:
+        _grader_counts.remove(counts)
 
 
 class GraderTimeout(BaseException):
@@ -86,18 +104,19 @@ def _call_in_worker(eval_fn: Callable[[str], float], completion: str, timeout_s:
 
 
 def safe_grade(eval_fn: Callable[[str], float], completion: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
-    """`float(eval_fn(completion))`, or NaN if the grader raised or ran past `timeout_s` seconds (counted in
-    `grader_stats["errors"]` / `grader_stats["timeouts"]`)."""
+    """`float(eval_fn(completion))`, or NaN if the grader raised or ran past `timeout_s` seconds (counted as
+    "errors" / "timeouts" by the enclosing `counting_graders()`, if any)."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     in_main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     call = _call_with_alarm if in_main_thread else _call_in_worker
+    counts = _grader_counts[-1] if _grader_counts else collections.Counter()  # outside a block: nobody counts
     try:
         return float(call(eval_fn, completion, timeout_s))
     except GraderTimeout:
-        grader_stats["timeouts"] += 1
+        counts["timeouts"] += 1
     except Exception:
-        grader_stats["errors"] += 1
+        counts["errors"] += 1
     return math.nan
 
 
@@ -187,3 +206,73 @@ class Combined(RewardFn):
             scored = [(weight, score) for weight, score in zip(weights, scores, strict=True) if not math.isnan(score)]
             totals.append(sum(weight * score for weight, score in scored) if scored else math.nan)
         return totals
+
+
+class RewardAdapter:
+    """A TRL reward function (`f(prompts, completions, instance_id, **kwargs)`) around a nanopost `RewardFn`.
+
+    A grader that raises, or a score that is NaN/inf/not a number, scores 0.0 and is counted in `errors`; graders
+    that ran past their time limit are counted in `timeouts` too. `take_counts()` reads and clears both.
+    """
+
+    def __init__(self, reward_fn: Callable, instances: Sequence[TaskInstance]) -> None:
+        check_reward_fn_signature(reward_fn)
+        self.reward_fn = reward_fn
+        self.instances = instances
+        self.__name__ = getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", type(reward_fn).__name__)
+        self.errors = 0
+        self.timeouts = 0
+
+    def __call__(self, prompts: list, completions: list, instance_id: list[int], **kwargs: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        batch = [self.instances[i] for i in instance_id]
+        with counting_graders() as counts:
+            try:
+                scores = list(self.reward_fn(texts, batch))
+            except Exception as error:  # a crashed reward never kills the run
+                warnings.warn(f"reward {self.__name__!r} raised {error!r}; scoring this batch 0", stacklevel=2)
+                scores = [math.nan] * len(texts)
+        self.timeouts += counts["timeouts"]
+        if len(scores) != len(texts):
+            raise ValueError(f"reward {self.__name__!r} returned {len(scores)} scores for {len(texts)} completions")
+        cleaned = [to_finite_score(score) for score in scores]
+        self.errors += sum(score is None for score in cleaned)
+        return [0.0 if score is None else score for score in cleaned]
+
+    def take_counts(self) -> tuple[int, int]:
+        """(errors, timeouts) since the last call."""
+        counts = self.errors, self.timeouts
+        self.errors = self.timeouts = 0
+        return counts
+
+
+def to_finite_score(score: Any) -> float | None:
+    """The score as a float, or None if it is not a finite number."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_reward_fn_signature(reward_fn: Callable) -> None:
+    """Fail at start-up, not mid-run, when a reward function cannot be called as `reward_fn(completions, instances)`."""
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as {REWARD_FN_SIGNATURE}; got {reward_fn!r}")
+    try:
+        inspect.signature(reward_fn).bind([], [])
+    except TypeError as error:
+        raise TypeError(
+            f"reward_fn {reward_fn!r} has the wrong signature ({error}); expected {REWARD_FN_SIGNATURE}"
+        ) from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+
+
+def reward_components(reward_fn: Callable | None) -> list[tuple[Callable, float]]:
+    """A `Combined` splits into its weighted components (each logged by TRL); else one component."""
+    if reward_fn is None:
+        return [(Correctness(), 1.0)]
+    if isinstance(reward_fn, Combined):
+        return list(reward_fn.components)
+    return [(reward_fn, 1.0)]

@@ -55,10 +55,12 @@ def tiny_trainer(tmp_path):
     """`tiny_trainer(trainer_class=NanopostGRPOTrainer, loss_fn=GRPOLoss(kl_coef=0.0), **grpo_options)`: a TINY_SMOKE
     trainer on the embedded model (2 prompts x 4 completions a step, rewarded by completion length), with GRPOConfig
     options overridden."""
+    from nanopost_trl.adapter import NanopostGRPOTrainer
     from nanopost_trl.config import Preset, to_grpo_config
     from nanopost_trl.losses import GRPOLoss
+    from nanopost_trl.rewards import RewardAdapter
     from nanopost_trl.tasks import resolve_tasks
-    from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+    from nanopost_trl.trainer import build_dataset
 
     def completion_length_reward(completions: list[str], instances: list) -> list[float]:
         return [float(len(completion)) for completion in completions]

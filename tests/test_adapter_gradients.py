@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from nanopost_trl import base
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.losses import GRPOLoss, KondoLoss
+from nanopost_trl.rewards import RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+from nanopost_trl.trainer import build_dataset
 
 MAX_NEW_TOKENS = 6
 KL_COEF = 0.1
@@ -118,6 +120,11 @@ class KondoWithoutSkipping(KondoLoss):
     backward_rows = base.LossFn.backward_rows  # every row runs the grad-carrying forward and the backward
 
 
+class KondoKeepingAllRows(KondoLoss):
+    def backward_rows(self, batch):
+        return None  # "None = all rows", from an override too
+
+
 @pytest.mark.parametrize(("unit", "keep_frac"), [("token", 0.05), ("sequence", 0.25)])
 def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, random_model_dir, unit, keep_frac):
     instances = resolve_tasks("addition", "train")[:16]
@@ -134,7 +141,7 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
             instances=instances,
             cfg=TrainConfig(),
         )
-        for loss_cls in (KondoLoss, KondoWithoutSkipping)
+        for loss_cls in (KondoLoss, KondoWithoutSkipping, KondoKeepingAllRows)
     ]
     for trainer in trainers:
         trainer.model.train()
@@ -152,14 +159,16 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
     skipping = parameter_grads(trainers[0], inputs)
     hook.remove()
     full = parameter_grads(trainers[1], inputs)
+    all_rows = parameter_grads(trainers[2], inputs)
     assert 0 < rows_in_grad_forward[0] < len(rows)  # only the rows with a kept token ran forward + backward
     if unit == "sequence":
         assert rows_in_grad_forward[0] == round(keep_frac * len(rows))
     assert trainers[0]._metrics["train"]["backward_rows_frac"][-1] == rows_in_grad_forward[0] / len(rows)
     assert trainers[0]._metrics["train"]["loss_backward_skipped_frac"][-1] > 0
-    assert skipping.keys() == full.keys()
+    assert skipping.keys() == full.keys() == all_rows.keys()
     for name in full:
         torch.testing.assert_close(skipping[name], full[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(all_rows[name], full[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, KL_COEF])
@@ -287,3 +296,50 @@ def test_full_logits_refuse_multimodal_inputs(tiny_trainer):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="chunked_logprobs=False supports text-only dense models; got pixel_values"):
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, ids, 2, pixel_values=torch.zeros(1, 3))
+
+
+def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, tokenizer):
+    """A tiny random Mixtral with a router auxiliary loss: the adapter's GRPO gradients, load-balancing term included,
+    equal TRL's own."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+        output_router_logits=True, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = (
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    instances = resolve_tasks("addition", "train")[:16]
+    dataset = build_dataset(instances)
+    args = grpo_args(tmp_path, "grpo", False)
+    args.beta = 0.0
+    trl_trainer = GRPOTrainer(
+        model=copy.deepcopy(model), reward_funcs=completion_length_reward, args=args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    ours = NanopostGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
+        args=args, train_dataset=dataset, processing_class=tokenizer, loss_fn=GRPOLoss(kl_coef=0.0),
+        instances=instances, cfg=TrainConfig(),
+    )  # fmt: skip
+    assert trl_trainer.aux_loss_enabled and ours.aux_loss_enabled
+    trl_trainer.model.train()
+    ours.model.train()
+    torch.manual_seed(1)
+    inputs = trl_trainer._generate_and_score_completions([dataset[i] for i in range(2) for _ in range(4)])
+    inputs["rewards"] = torch.zeros(8)
+    expected = parameter_grads(trl_trainer, inputs)
+    actual = parameter_grads(ours, inputs)
+    router = [name for name in expected if "gate" in name and "experts" not in name]
+    assert router and all(expected[name].abs().sum() > 0 for name in router)  # the router loss reaches the router
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert ours._metrics["train"]["aux_loss"][-1] == pytest.approx(trl_trainer._metrics["train"]["aux_loss"][-1])

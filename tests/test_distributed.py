@@ -74,7 +74,7 @@ def test_two_process_cli_run_logs_each_step_once(tmp_path):
     assert "FutureWarning" not in result.stderr and "were not passed to `accelerate launch`" not in result.stderr
 
 
-def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_processes(tmp_path):
+def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_the_processes_that_have_them(tmp_path):
     result = accelerate_launch(str(SCRIPTS / "ddp_groups.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     groups = [json.loads((tmp_path / f"groups-{rank}.json").read_text()) for rank in (0, 1)]
@@ -85,6 +85,7 @@ def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_processes(tmp_
     rows = [json.loads(line) for line in (tmp_path / "ddp.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
     assert [row["loss_rank"] for row in rows[1:]] == [0.5] * 3  # loss metrics: the mean over processes
+    assert [row["loss_only_rank1"] for row in rows[1:]] == [3.0] * 3  # ... that computed them
 
 
 @pytest.mark.slow

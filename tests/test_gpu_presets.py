@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nanopost_trl.config import Preset
-from nanopost_trl.trainer import load_model_and_tokenizer
+from nanopost_trl.models import load_model_and_tokenizer
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_presets.py"
 

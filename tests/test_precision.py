@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanopost_trl.config import Preset
-from nanopost_trl.trainer import Trainer, cpu_has_native_bf16
+from nanopost_trl.models import cpu_has_native_bf16
+from nanopost_trl.trainer import Trainer
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not cpu_has_native_bf16(), reason="needs a CPU with native bf16")

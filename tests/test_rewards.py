@@ -18,7 +18,8 @@ from nanopost_trl.rewards import (
     Correctness,
     Format,
     LengthPenalty,
-    grader_stats,
+    RewardAdapter,
+    counting_graders,
     safe_grade,
 )
 from nanopost_trl.tasks import countdown
@@ -27,11 +28,11 @@ from nanopost_trl.tasks.graders import BOXED_PATTERN
 TIMEOUT_S = 0.3
 
 
-@pytest.fixture(autouse=True)
-def clear_grader_stats():
-    grader_stats.clear()
-    yield
-    grader_stats.clear()
+@pytest.fixture
+def grader_stats():
+    """What `safe_grade` caught during the test."""
+    with counting_graders() as counts:
+        yield counts
 
 
 def spin_forever(completion: str) -> float:
@@ -73,13 +74,13 @@ def instance(eval_fn) -> TaskInstance:
     return TaskInstance(name="t", prompt="p", eval_fn=eval_fn)
 
 
-def test_safe_grade_passes_scores_through():
+def test_safe_grade_passes_scores_through(grader_stats):
     assert safe_grade(len, "abc", timeout_s=TIMEOUT_S) == 3.0
     assert isinstance(safe_grade(lambda c: True, "x"), float)
     assert grader_stats == {}
 
 
-def test_safe_grade_counts_errors_as_nan():
+def test_safe_grade_counts_errors_as_nan(grader_stats):
     assert math.isnan(safe_grade(raise_error, "x"))
     assert math.isnan(safe_grade(lambda c: "not a number", "x"))
     assert grader_stats["errors"] == 2 and grader_stats["timeouts"] == 0
@@ -89,7 +90,7 @@ def test_safe_grade_counts_errors_as_nan():
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("grader", [spin_forever, sleep_forever, swallow_exceptions_and_spin, finalizer_eats_the_alarm])
-def test_safe_grade_interrupts_a_hung_grader(grader):
+def test_safe_grade_interrupts_a_hung_grader(grader, grader_stats):
     handler = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
     assert math.isnan(safe_grade(grader, "x", timeout_s=TIMEOUT_S))
@@ -101,7 +102,7 @@ def test_safe_grade_interrupts_a_hung_grader(grader):
     assert safe_grade(len, "ab", timeout_s=TIMEOUT_S) == 2.0  # the next call works as usual
 
 
-def test_safe_grade_outside_the_main_thread_interrupts_pure_python():
+def test_safe_grade_outside_the_main_thread_interrupts_pure_python(grader_stats):
     results: list[float] = []
     before = set(threading.enumerate())
     caller = threading.Thread(
@@ -117,7 +118,7 @@ def test_safe_grade_outside_the_main_thread_interrupts_pure_python():
     assert not set(threading.enumerate()) - before  # the runaway grader thread was stopped, not left spinning
 
 
-def test_correctness_uses_each_instance_grader_and_reports_failures():
+def test_correctness_uses_each_instance_grader_and_reports_failures(grader_stats):
     instances = [instance(lambda c: float(c == "yes")), instance(raise_error), instance(spin_forever)]
     scores = Correctness(timeout_s=TIMEOUT_S)(["yes", "yes", "yes"], instances)
     assert scores[0] == 1.0 and math.isnan(scores[1]) and math.isnan(scores[2])
@@ -138,7 +139,7 @@ def test_format_and_length_penalty():
         LengthPenalty(max_chars=10, buffer_chars=20)
 
 
-def test_format_patterns_are_linear_and_a_catastrophic_one_times_out():
+def test_format_patterns_are_linear_and_a_catastrophic_one_times_out(grader_stats):
     start = time.perf_counter()
     assert Format(countdown.ANSWER_PATTERN)(["<answer>" * 20_000, "so <answer>1 + 2</answer>"], []) == [0.0, 1.0]
     assert Format(BOXED_PATTERN)(["\\boxed{" * 20_000 + "x" * 100_000], []) == [1.0]
@@ -147,7 +148,7 @@ def test_format_patterns_are_linear_and_a_catastrophic_one_times_out():
     assert grader_stats["timeouts"] == 1
 
 
-def test_combined_weighted_sum_and_components():
+def test_combined_weighted_sum_and_components(grader_stats):
     correctness, fmt = Correctness(), Format(BOXED_PATTERN)
     combined = Combined([(correctness, 1), (fmt, 0.5)])
     assert combined.components == [(correctness, 1.0), (fmt, 0.5)]
@@ -173,3 +174,12 @@ def test_combined_rejects_bad_components():
         Combined([(len, 1.0)])
     with pytest.raises(ValueError, match="finite"):
         Combined([(Correctness(), math.inf)])
+
+
+def test_graders_outside_a_training_reward_call_do_not_feed_its_counts():
+    """The held-out eval grades with `safe_grade` outside any reward call: its time-outs are not training's."""
+    adapter = RewardAdapter(Correctness(timeout_s=TIMEOUT_S), [instance(spin_forever)])
+    assert math.isnan(safe_grade(spin_forever, "x", timeout_s=TIMEOUT_S))  # as the eval would
+    assert adapter.take_counts() == (0, 0)
+    assert adapter(["p"], ["x"], [0]) == [0.0]
+    assert adapter.take_counts() == (1, 1) and adapter.take_counts() == (0, 0)  # 1 NaN score, from 1 time-out

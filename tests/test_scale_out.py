@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from nanopost_trl import hub
 from nanopost_trl.assets import TINY_MODEL_PATH
-from nanopost_trl.config import Preset
+from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.run_log import RunSummary
 from nanopost_trl.trainer import Trainer
@@ -151,6 +151,12 @@ def wandb_records(run_file: Path) -> list:
             records.append(wandb_internal_pb2.Record.FromString(chunks))
             chunks = b""
     return records
+
+
+def test_config_mapping_leaves_the_environment_alone(tmp_path):
+    environment = dict(os.environ)
+    args = to_grpo_config(smoke(tmp_path, wandb_log=True, wandb_project="p"), num_processes=1, uses_reference=False)
+    assert args.report_to == ["wandb"] and dict(os.environ) == environment
 
 
 def test_wandb_offline_run_holds_the_step_metrics(tmp_path, monkeypatch):

@@ -6,9 +6,10 @@ import json
 
 import torch
 
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.trainer import NanopostGRPOTrainer, Trainer
+from nanopost_trl.trainer import Trainer
 
 
 class Snapshots:
@@ -24,7 +25,7 @@ class Snapshots:
         def recording(trainer, inputs):
             output = original(trainer, inputs)
             learner = [p.detach() for p in trainer._trainable_params()]
-            same = all(torch.equal(a, b) for a, b in zip(learner, trainer._actor_params, strict=True))
+            same = all(torch.equal(a, b) for a, b in zip(learner, trainer.actor.params, strict=True))
             rows.append(
                 {
                     "step": trainer.state.global_step,

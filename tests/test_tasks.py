@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.rewards import grader_stats, safe_grade
+from nanopost_trl.rewards import counting_graders, safe_grade
 from nanopost_trl.tasks import countdown, from_dataset, get_task_loader, gsm8k, resolve_tasks, tasks_label
 from nanopost_trl.tasks import math as math_task
 from nanopost_trl.tasks.custom import HubDataUnavailable
@@ -318,9 +318,9 @@ def test_math_prefers_answer_column_and_rejects_missing_answers(math_verify, tmp
 @pytest.mark.parametrize("completion", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
 def test_math_grader_under_safe_grade_survives_adversarial_completions(math_verify, completion, tmp_path):
     pwned = tmp_path / "pwned"
-    grader_stats.clear()
     start = time.perf_counter()
-    score = safe_grade(functools.partial(grade_math, answer="34"), completion.replace("{pwned}", str(pwned)), 1.0)
+    with counting_graders() as grader_stats:
+        score = safe_grade(functools.partial(grade_math, answer="34"), completion.replace("{pwned}", str(pwned)), 1.0)
     assert time.perf_counter() - start < 2.0
     assert score == 0.0 or (math.isnan(score) and grader_stats["timeouts"] + grader_stats["errors"] == 1)
     assert not pwned.exists()

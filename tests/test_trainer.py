@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -42,7 +44,9 @@ class Recording(base.LossFn):
 
 
 def test_seed_simple_pg_runs_two_steps_unchanged(tmp_path):
+    filters, environment = list(warnings.filters), dict(os.environ)
     summary = Trainer(smoke(tmp_path, kl_coef=0.0)).run(loss_fn=SimplePG(), tasks="addition")
+    assert warnings.filters == filters and dict(os.environ) == environment  # no process-wide side effects
     rows = [json.loads(line) for line in summary.log_path.read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert "eval_addition_accuracy" in rows[0] and "eval_addition_accuracy" in rows[-1]
@@ -72,6 +76,14 @@ def test_learner_batch_shapes_and_reference_only_when_used(tmp_path):
     assert batch["advantages"].shape == (B, 1) and batch["rewards"].shape == (B,)
     assert batch["reference_logprobs"] is not None and batch["reference_logprobs"].shape == (B, T)
     torch.testing.assert_close(batch["rollout_logprobs"], batch["policy_logprobs"])  # on-policy
+    # the fields after loss_mask: entropies of the same forward, the step's token count over its micro-batches
+    assert batch["entropies"].shape == (B, T) and (batch["entropies"] * (1 - batch["loss_mask"][:, 1:]) == 0).all()
+    assert batch["micro_batches_per_step"] == 1 and batch["num_items_in_batch"] == batch["loss_mask"][:, 1:].sum()
+    lengths = batch["loss_mask"][:, 1:].sum(-1)
+    assert batch["truncated"].dtype == torch.bool and batch["truncated"].shape == (B,)
+    assert not batch["truncated"][lengths < T].any()  # a completion that ended early ended with EOS
+    assert batch["reward_components"].shape == (B, 1) and batch["reward_names"] == ("correctness",)
+    torch.testing.assert_close(batch["reward_components"][:, 0], batch["rewards"])
 
     without_kl = Recording()
     Trainer(smoke(tmp_path, run_name="nokl")).run(loss_fn=without_kl, tasks="addition")

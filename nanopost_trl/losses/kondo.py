@@ -13,7 +13,7 @@ sum_t l_t = A_i * -log pi(y_i|x_i)). per_token = -G A logp (+ kl_coef * kl), nor
 (`aggregation="token_mean"`). keep_frac = 1 is plain advantage-weighted PG.
 
 Checked against the paper's abstract (the stored copy we could read shows no equation numbers, so none is quoted).
-Differences: kept samples get the plain weight A (as losses.md; the abstract does not say whether the paper also
+Differences: kept samples get the plain weight A (the abstract does not say whether the paper also
 applies DG's sigmoid weight); the price is a per-batch quantile (a keep fraction), not a fixed lambda, and ties at it
 are broken arbitrarily by `topk`; the KL term is gated with the PG term, so that a row whose tokens are all gated off
 contributes nothing and needs no backward pass (`backward_rows` finds those rows).

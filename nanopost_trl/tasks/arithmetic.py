@@ -2,7 +2,8 @@
 
 Generated offline from the operand pairs of the `addition` task (10 <= a, b <= 99, the same seeded disjoint splits:
 1000 test pairs, 7100 train), asked as a chat question and graded by the `numeric` grader (the completion's final
-number must equal a + b). SmolLM2-135M-Instruct answers 12-16% of the test pairs greedily before training.
+number must equal a + b). How often SmolLM2-135M-Instruct answers right before training: benchmarks/RESULTS.md,
+"A real instruct LLM on CPU".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The reward is the prompt's instance index, so a group mixing two prompts would have unequal rewards. Each process
 appends the groups it saw to `{out_dir}/groups-{rank}.json`. The loss also reports its process index as a metric,
-which the log must hold as the mean over processes (0.5).
+which the log must hold as the mean over processes (0.5), and a metric that only process 1 computes (its rank plus
+2, i.e. 3.0): the mean over the processes that have it, never counting a missing value as 0.
 """
 
 import dataclasses
@@ -28,7 +29,8 @@ class GroupRecordingGRPO(GRPOLoss):
 
     def __call__(self, batch):
         loss, metrics = super().__call__(batch)
-        return loss, {**metrics, "rank": float(PartialState().process_index)}
+        rank = PartialState().process_index
+        return loss, {**metrics, "rank": float(rank)} | ({"only_rank1": rank + 2.0} if rank == 1 else {})
 
 
 out_dir = Path(sys.argv[1])

@@ -1,0 +1,210 @@
+"""The adapter's features, each a small object or function with its own state, testable without a trainer.
+
+- `ActorCopy`: actor/learner staleness; the actor samples with a copy of the weights re-taken every `sync_interval`.
+- `ReferenceOffload`: the reference model lives on CPU and visits the device for its log-prob pass.
+- `gated_policy_logprobs`: the grad-carrying forward on the rows a loss's `backward_rows` keeps.
+- `materialized_logprobs`: the reference log-prob path through the model's full logits (`chunked_logprobs=False`).
+- `group_advantages`, `truncated`, `sampler_corrected`: the tensors the adapter adds to TRL's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from nanopost_trl import base, trl_bridge
+
+# rows -> (log-probs, entropies, MoE router loss or None) of those rows
+LogprobForward = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+class ActorCopy:
+    """With `sync_interval > 1`, the actor samples with its own copy of the trainable weights, re-copied from the
+    learner every `sync_interval` steps (on resume: at the first step, as checkpoints hold the learner only)."""
+
+    def __init__(self, sync_interval: int) -> None:
+        self.sync_interval = sync_interval
+        self.params: list[torch.Tensor] = []
+        self.synced_at = 0
+
+    def staleness(self, step: int, learner_params: Sequence[torch.Tensor]) -> int:
+        """Re-copy the learner when due; return how many learner steps the actor is behind (0 when on-policy)."""
+        if self.sync_interval > 1 and (not self.params or step % self.sync_interval == 0):
+            self.params = [p.detach().clone() for p in learner_params]
+            self.synced_at = step
+        return step - self.synced_at if self.params else 0
+
+    @contextlib.contextmanager
+    def weights(self, learner_params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """The block runs with the actor's weights in the model (a storage swap, no copy); the learner's after."""
+        self._swap(learner_params)
+        try:
+            yield
+        finally:
+            self._swap(learner_params)
+
+    def _swap(self, learner_params: Sequence[torch.Tensor]) -> None:
+        for param, actor in zip(learner_params, self.params, strict=True):
+            param.data, actor.data = actor.data, param.data
+
+
+class ReferenceOffload:
+    """With `enabled`, the reference model is kept on CPU and moved to the device only for its log-prob pass."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def on_device(self, model: torch.nn.Module | None, device: torch.device) -> Iterator[None]:
+        moved = self.enabled and model is not None
+        if moved:
+            model.to(device)
+        try:
+            yield
+        finally:
+            if moved:
+                model.to("cpu")
+
+
+def gated_policy_logprobs(
+    forward: LogprobForward, backward_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """Policy log-probs and entropies, with the grad-carrying forward only on the rows `backward_rows` keeps.
+
+    `forward(rows)` returns the rows' (log-probs, entropies, router loss); `backward_rows(detached_logprobs,
+    detached_entropies)` returns (B,) bool from a no-grad pass, or None for all rows (then a grad-carrying pass runs
+    on all). The others keep their (equal) no-grad values, without gradient. Returns the router loss of the
+    grad-carrying pass and the kept fraction too (None when all rows ran).
+
+    With no row kept, one row still runs the grad-carrying forward, with weight 0: under DDP or DeepSpeed a
+    process's gradient all-reduce is armed by a grad-carrying forward through the wrapped model, and a process that
+    skipped it would leave the others waiting in theirs (a hang when only some processes skip every row).
+    """
+    with torch.no_grad():
+        detached_logprobs, detached_entropies, _ = forward(slice(None))
+    rows = backward_rows(detached_logprobs, detached_entropies)
+    if rows is None:
+        return *forward(slice(None)), None
+    kept = bool(rows.any())
+    live = rows if kept else torch.arange(len(rows), device=rows.device) == 0
+    live_logprobs, live_entropies, router_loss = forward(live)
+    gated = []
+    for detached, live_values in ((detached_logprobs, live_logprobs), (detached_entropies, live_entropies)):
+        values = detached.clone()  # no-grad values, live grads (zero ones when no row is kept)
+        values[live] = detached[live] + float(kept) * (live_values - live_values.detach())
+        gated.append(values)
+    router_loss = None if router_loss is None else float(kept) * router_loss
+    return gated[0], gated[1], router_loss, rows.float().mean().item()
+
+
+def declares_backward_rows(loss_fn: base.LossFn) -> bool:
+    """Whether the loss overrides `backward_rows` (then a no-grad pass decides the grad-carrying rows)."""
+    return type(loss_fn).backward_rows is not base.LossFn.backward_rows
+
+
+def materialized_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int | None,
+    compute_entropy: bool,
+    temperature: float,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """The reference path: `micro_batch x (completion + 1) x vocab` logits from the model's own forward, then TRL's
+    log-softmax and entropy over them (as TRL did before its fused head). Padding scores 0, as fused."""
+    if extra := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
+        raise ValueError(f"chunked_logprobs=False supports text-only dense models; got {', '.join(extra)}")
+    batch_size = batch_size or input_ids.size(0)
+    logprobs, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        with autocast():
+            logits = model(
+                input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_to_keep=logits_to_keep + 1
+            ).logits
+        logits = logits[:, :-1].float().contiguous()  # a strided view would be copied by the entropy, again
+        row_logprobs, row_entropies = trl_bridge.full_logits_logprobs(
+            logits,
+            input_ids[rows, -logits_to_keep:],
+            attention_mask[rows, -logits_to_keep:],
+            temperature,
+            compute_entropy,
+        )
+        logprobs.append(row_logprobs)
+        entropies.append(row_entropies)
+    return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
+
+
+def sampler_corrected(logprobs: torch.Tensor, importance_sampling_ratio: torch.Tensor) -> torch.Tensor:
+    """`logprobs` with the same values, each token's gradient multiplied by TRL's vLLM importance-sampling ratio
+    ((B, T) per token, or (B, 1) per sequence; detached): TRL's `per_token_loss * importance_sampling_ratio` for a
+    loss built from per-token log-probs, whatever its formula."""
+    detached = logprobs.detach()
+    return detached + (logprobs - detached) * importance_sampling_ratio
+
+
+def group_advantages(
+    loss_fn: base.LossFn, rewards: torch.Tensor, components: torch.Tensor, names: Sequence[str], group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss's advantages over whole groups and the groups it keeps, from the step's (N,) rewards and (N, C)
+    unweighted reward components: returns (N,) advantages and (N,) bool, True where the row's group is kept."""
+    grouped = rewards.view(-1, group_size)
+    if "components" in inspect.signature(loss_fn.advantages).parameters:
+        by_name = {name: components[:, i].view(-1, group_size) for i, name in enumerate(names)}
+        advantages = loss_fn.advantages(grouped, components=by_name)
+    else:
+        advantages = loss_fn.advantages(grouped)
+    keep = loss_fn.keep_groups(grouped)
+    keep = torch.ones(grouped.size(0), dtype=torch.bool, device=rewards.device) if keep is None else keep.bool()
+    return advantages.reshape(-1), keep.repeat_interleave(group_size)
+
+
+def truncated(
+    completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids: Sequence[int]
+) -> torch.Tensor:
+    """(B,) bool: completions whose last valid token is not an end of sequence (cut at max_new_tokens), as TRL's
+    `mask_truncated_completions` decides it. An empty completion is not truncated."""
+    lengths = completion_mask.sum(dim=1)
+    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    ends = torch.isin(last, torch.tensor(list(eos_token_ids), device=last.device))
+    return (lengths > 0) & ~ends
+
+
+def checked_loss(
+    loss: object, policy_logprobs: torch.Tensor, loss_name: str, step: int, skip_nonfinite: bool
+) -> tuple[torch.Tensor, bool]:
+    """(the loss as a 0-dim tensor, False) if it is a finite scalar tensor with grad; a clear error otherwise, or,
+    with `skip_nonfinite`, (a zero loss on the same graph, True) for a NaN/inf loss."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{loss_name} must return a scalar loss tensor, got {shape} at step {step}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{loss_name} returned a loss without grad at step {step}: build it from batch.policy_logprobs"
+        )
+    if torch.isfinite(loss):
+        return loss.reshape(()), False
+    if not skip_nonfinite:
+        raise FloatingPointError(
+            f"{loss_name} returned a non-finite loss ({loss.item()}) at step {step}; "
+            "set skip_nonfinite=True to skip such steps"
+        )
+    return policy_logprobs.sum() * 0.0, True
+
+
+def batch_stats(batch: base.LearnerBatch) -> dict[str, float]:
+    """What every run logs of a micro-batch: the policy's mean entropy and the mean |policy - rollout| log-prob gap
+    (0 on-policy) over its valid tokens."""
+    mask = batch.mask
+    valid = mask.sum().clamp(min=1)
+    gap = (batch.policy_logprobs.detach() - batch.rollout_logprobs).abs()
+    stats = {"rollout_logprob_gap": ((gap * mask).sum() / valid).item()}
+    if batch.entropies is not None:
+        stats["entropy"] = ((batch.entropies.detach() * mask).sum() / valid).item()
+    return stats

@@ -1,0 +1,323 @@
+"""The one module that names TRL's private internals: a TRL upgrade that moves one of them touches this file only.
+
+What the adapter relies on, each checked before training (`check_trl`, `check_trainer`) or on first use:
+- `HOOKS`: the private `GRPOTrainer` methods the adapter (`nanopost_trl.adapter`) overrides, with the arguments it
+  calls them with. A rename, or a changed signature, stops the run at start-up instead of bypassing the LossFn.
+- `PRIVATE_NAMES`: TRL module attributes read here (the fused LM head's switches and kernel) and the trainer's
+  `_metrics` store. `fused_head_tiles` switches the fused head and `FusedHeadCheck` verifies, on its first call, that
+  TRL's kernel saw the tile width and the positions it was told to; `BackpropCheck` verifies on the first training
+  step that the LossFn's loss is the tensor TRL back-propagated (TRL's Liger path, huggingface/trl#7270, broke that).
+- `learner_batch` is the only reader of the keys of TRL's generation output; `log_metrics` the only writer of its
+  metrics, reduced over processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import trl
+from accelerate.utils import gather_object
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from nanopost_trl import base
+
+SUPPORTED_TRL = ">=1.16,<1.17"  # the TRL versions the test suite covers; pyproject.toml declares the same range
+
+# hook -> (positional arguments, keyword arguments) we call it with (besides self); each must bind to TRL's signature.
+HOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "_calculate_rewards": (("inputs", "prompts", "completions", "completion_ids_list"), ()),
+    "_generate_and_score_completions": (("inputs",), ()),
+    "_compute_loss": (("model", "inputs"), ()),
+    "_get_per_token_logps_and_entropies": (
+        ("model", "input_ids", "attention_mask", "logits_to_keep"),
+        ("batch_size", "compute_entropy", "compute_aux_loss"),
+    ),
+    "training_step": (("model", "inputs", "num_items_in_batch"), ()),
+}
+# module -> the attributes read here. `_use_triton` in trl.trainer.utils decides whether the fused head scores only
+# the labelled positions (`compact`); the kernel module's own `_use_triton` decides the Triton kernel.
+PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
+    "trl.trainer.utils": (
+        "_use_triton",
+        "_CHUNKED_LOGPROB_CHUNK_SIZE",
+        "_ChunkedLogProbFunction",
+        "selective_log_softmax",
+        "selective_log_softmax_and_entropy",
+    ),
+    "trl.kernels.chunked_logprob": ("_use_triton",),
+}
+TRAINER_STATE = ("_metrics",)  # GRPOTrainer instance attributes read or written here
+
+# GRPOConfig options that TRL applies inside its `_compute_loss`, which a LossFn replaces: a non-default value would be
+# silently ignored, so it is refused, naming the built-in loss field that does the same. (Options the LossFn owns,
+# such as loss_type, epsilon, beta as a coefficient and use_bias_correction_kl, are its fields too; see the README.)
+# option -> (TRL's default, what to use instead)
+REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "top_entropy_quantile": (1.0, "the loss field top_entropy_quantile (GRPO, DAPO, GSPO, CISPO, SAPO, LUSPO)"),
+    "delta": (None, "the loss field delta (GRPO, DAPO, GSPO, LUSPO)"),
+    "importance_sampling_level": ("token", "Loss.GSPO, or the loss field importance_sampling_level"),
+    "off_policy_mask_threshold": (None, "the loss field off_policy_mask_threshold"),
+    "entropy_coef": (0.0, "the loss field entropy_coef"),
+    "use_adaptive_entropy": (False, "the loss field entropy_coef (a static bonus)"),
+}
+
+
+class UnsupportedTRL(RuntimeError):
+    """The installed TRL does not provide what the adapter relies on."""
+
+
+def _supported() -> str:
+    return f"nanopost_trl supports trl{SUPPORTED_TRL} (installed: {trl.__version__}); pip install 'trl{SUPPORTED_TRL}'"
+
+
+def check_trl(trainer_class: type | None = None) -> None:
+    """Raise `UnsupportedTRL` unless every hook in `HOOKS` exists on `trainer_class` (default: TRL's GRPOTrainer) and
+    accepts the arguments we call it with, and every name in `PRIVATE_NAMES` exists. Warn when they fit but TRL is
+    outside the tested range."""
+    trainer_class = trainer_class or trl.GRPOTrainer
+    for name, (positional, keywords) in HOOKS.items():
+        hook = getattr(trainer_class, name, None)
+        if not callable(hook):
+            raise UnsupportedTRL(
+                f"{trainer_class.__name__} has no method {name}, which the adapter overrides; " + _supported()
+            )
+        try:
+            inspect.signature(hook).bind(None, *positional, **dict.fromkeys(keywords))
+        except TypeError as error:
+            raise UnsupportedTRL(
+                f"{trainer_class.__name__}.{name}{inspect.signature(hook)} no longer accepts the arguments the adapter "
+                f"passes ({', '.join(positional + keywords)}): {error}; " + _supported()
+            ) from None
+    for module_name, names in PRIVATE_NAMES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if not hasattr(module, name):
+                raise UnsupportedTRL(f"{module_name} has no {name}, which the adapter relies on; " + _supported())
+    if Version(trl.__version__) not in SpecifierSet(SUPPORTED_TRL):
+        warnings.warn(f"untested TRL version: {_supported()}", stacklevel=2)
+
+
+def check_trainer(trainer: trl.GRPOTrainer) -> None:
+    """After `GRPOTrainer.__init__`: the instance state read here exists, and no refused option is set."""
+    for name in TRAINER_STATE:
+        if not hasattr(trainer, name):
+            raise UnsupportedTRL(f"GRPOTrainer instances have no {name}, which the adapter relies on; " + _supported())
+    args = trainer.args
+    for name, (default, instead) in REFUSED_OPTIONS.items():
+        if getattr(args, name) != default:
+            raise ValueError(
+                f"GRPOConfig option {name}={getattr(args, name)!r} acts inside TRL's own loss, which a nanopost_trl "
+                f"LossFn replaces, so it would be ignored: use {instead}"
+            )
+
+
+# --- the metrics store
+def metrics_mode(trainer: trl.GRPOTrainer) -> Literal["train", "eval"]:
+    """TRL's metrics bucket for the current pass."""
+    return "train" if trainer.model.training else "eval"
+
+
+def log_metrics(trainer: trl.GRPOTrainer, values: dict[str, float], reduction: Literal["mean", "sum"] = "mean") -> None:
+    """Append each value, reduced over processes, to TRL's metric of that name (logged at the step's end).
+
+    Every process must call it at the same point. The processes may pass different names (a metric only some of them
+    computed): each name is reduced over the processes that passed it, never counting a missing value as 0.
+    """
+    accelerator = trainer.accelerator
+    names = sorted(values)
+    if accelerator.num_processes > 1:
+        names = sorted(set().union(*gather_object([names])))
+    local = [[values[name], 1.0] if name in values else [0.0, 0.0] for name in names]
+    if not local:
+        return
+    totals = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum").tolist()
+    store = trainer._metrics[metrics_mode(trainer)]
+    for name, (total, count) in zip(names, totals, strict=True):
+        store[name].append(total / count if reduction == "mean" else total)
+
+
+# --- the learner's view of TRL's generation output
+def learner_batch(
+    trainer: trl.GRPOTrainer, inputs: dict[str, Any], policy_logprobs: torch.Tensor, entropies: torch.Tensor | None
+) -> base.LearnerBatch:
+    """A `LearnerBatch` from one micro-batch of TRL's generation output (and the adapter's own keys: rewards,
+    truncated, reward_components) and the policy's log-probs and entropies."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:  # multi-turn tool calls: tool output tokens carry no loss
+        mask = mask * inputs["tool_mask"]
+    learner_logprobs = inputs.get("old_per_token_logps")
+    rollout_logprobs = policy_logprobs.detach() if learner_logprobs is None else learner_logprobs
+    if "sampling_per_token_logps" in inputs:  # vLLM's own; a token it could not score (NaN) keeps the learner's
+        sampler_logprobs = inputs["sampling_per_token_logps"]
+        rollout_logprobs = torch.where(sampler_logprobs.isnan(), rollout_logprobs, sampler_logprobs)
+    training = metrics_mode(trainer) == "train"
+    return base.LearnerBatch(
+        policy_logprobs=policy_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        reference_logprobs=inputs.get("ref_per_token_logps"),
+        advantages=inputs["advantages"].unsqueeze(1),
+        rewards=inputs["rewards"],
+        loss_mask=torch.cat([inputs["prompt_mask"][:, -1:], mask], dim=1).to(policy_logprobs.dtype),
+        entropies=entropies,
+        num_items_in_batch=inputs["num_items_in_batch"].float(),
+        micro_batches_per_step=trainer.accelerator.num_processes
+        * (trainer.current_gradient_accumulation_steps if training else 1),
+        truncated=inputs.get("truncated"),
+        reward_components=inputs.get("reward_components"),
+        reward_names=tuple(trainer.reward_func_names),
+    )
+
+
+def importance_sampling_ratio(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """TRL's vLLM importance-sampling ratio for this micro-batch ((B, T) or (B, 1), detached), if TRL computed one."""
+    return inputs.get("importance_sampling_ratio")
+
+
+# --- the fused LM head
+@contextlib.contextmanager
+def fused_head_tiles(vocab_chunk: int, check: FusedHeadCheck | None = None) -> Iterator[None]:
+    """Inside the block, TRL's fused LM head (`add_fused_lm_head`) runs in tiles `vocab_chunk` vocabulary entries wide
+    and projects only the labelled (completion) positions on CPU too.
+
+    Both are module globals of trl.trainer.utils, sized for TRL's Triton kernel: the tile width is 32768, and off
+    CUDA/XPU every position is projected (prompt included) to keep tile shapes static for compilers (Neuron). Eager CPU
+    needs neither, and its torch fallback keeps several tile-sized fp32 temporaries in the backward
+    (benchmarks/RESULTS.md, "Chunked log-probs on a 152k vocabulary"). Log-probs and gradients are unchanged by either
+    switch (tested). With `check`, the first call of TRL's kernel inside the block is recorded, for its `verify`.
+    """
+    import trl.trainer.utils as trl_utils
+
+    use_triton, width, kernel = (
+        trl_utils._use_triton,
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+        trl_utils._ChunkedLogProbFunction.apply,
+    )
+    # the fused forward's `compact` (score the labelled positions only): on CPU too; other devices keep TRL's choice
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
+    kernel_class = trl_utils._ChunkedLogProbFunction
+    own_apply = vars(kernel_class).get("apply")  # None: torch.autograd.Function's, inherited
+    recording = check is not None and not check.done
+    if recording:
+        kernel_class.apply = staticmethod(check.recording(kernel))
+    try:
+        yield
+    finally:
+        trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = use_triton, width
+        if recording and own_apply is None:
+            del kernel_class.apply
+        elif recording:
+            kernel_class.apply = own_apply
+
+
+def kernel_uses_triton(device: torch.device) -> bool:
+    """Whether TRL's fused-head kernel runs its Triton kernel on `device` (else its torch fallback)."""
+    from trl.kernels import chunked_logprob
+
+    return chunked_logprob._use_triton(device)
+
+
+class FusedHeadCheck:
+    """Verifies once that TRL's kernel honoured `fused_head_tiles`: the first call saw the configured tile width and
+    only the labelled positions. Guards against a TRL that keeps the module globals but stops reading them."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []  # (positions projected, tile width) of the recorded kernel call
+        self.done = False
+
+    def recording(self, kernel):
+        def apply(hidden, weight, bias, labels, temperature, vocab_chunk, *args):
+            if not self.seen:
+                self.seen.append((hidden.shape[0], vocab_chunk))
+            return kernel(hidden, weight, bias, labels, temperature, vocab_chunk, *args)
+
+        return apply
+
+    def verify(self, attention_mask: torch.Tensor, logits_to_keep: int, vocab_chunk: int) -> None:
+        """After the first block: `attention_mask` of the rows in TRL's first kernel call (its first chunk)."""
+        if self.done:
+            return
+        self.done = True
+        compact = attention_mask.device.type == "cpu" or kernel_uses_triton(attention_mask.device)
+        rows, length = attention_mask.shape
+        positions = int(attention_mask[:, -logits_to_keep:].sum()) if compact else rows * (length - 1)
+        if self.seen != [(positions, vocab_chunk)]:
+            raise UnsupportedTRL(
+                f"TRL's fused LM head ignored trl.trainer.utils._use_triton / _CHUNKED_LOGPROB_CHUNK_SIZE (expected "
+                f"its first kernel call on {positions} positions in {vocab_chunk}-wide tiles, saw {self.seen}); "
+                + _supported()
+            )
+
+
+def full_logits_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float, compute_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TRL's log-softmax (and entropy) of materialised `logits` at `targets`; padding (mask 0) scores 0."""
+    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
+    if compute_entropy:
+        return selective_log_softmax_and_entropy(logits, targets, temperature=temperature, row_mask=mask)
+    return selective_log_softmax(logits, targets, temperature, mask), None
+
+
+class BackpropCheck:
+    """Verifies once that the loss the LossFn returned is the one back-propagated.
+
+    `watch(loss)` returns the loss with a gradient hook on it (first call only); `verify()` after the first training
+    step raises `UnsupportedTRL` if TRL never called our `_compute_loss`, or back-propagated another tensor.
+    """
+
+    def __init__(self) -> None:
+        self.watched = False
+        self.reached = False
+        self.done = False
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        if not self.watched and not self.done and loss.requires_grad:
+            self.watched = True
+            loss.register_hook(self._mark_reached)
+        return loss
+
+    def _mark_reached(self, grad: torch.Tensor) -> None:
+        self.reached = True
+
+    def verify(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if not self.watched:
+            raise UnsupportedTRL(
+                "TRL ran a training step without calling the adapter's _compute_loss, so the LossFn was bypassed; "
+                + _supported()
+            )
+        if not self.reached:
+            raise UnsupportedTRL(
+                "the LossFn's loss was not the tensor TRL back-propagated (another loss replaced it); " + _supported()
+            )
+
+
+# Warnings TRL's own calls raise that are not the user's concern, by message and by the module that issues them.
+KNOWN_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # TRL's `disable_gradient_checkpointing` reads the deprecated property on every generation (trl/models/utils.py).
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+    # ... and with gradient_checkpointing=True, TRL's generation wrapper turns it off and on around every generation
+    # (trl/models/utils.py `unwrap_model_for_generation`) through the deprecated transformers names.
+    (r"`gradient_checkpointing_(enable|disable)` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+]
+
+
+@contextlib.contextmanager
+def known_warnings_silenced() -> Iterator[None]:
+    """Inside the block only, ignore exactly the `KNOWN_WARNINGS` (each matched by message, category and module)."""
+    with warnings.catch_warnings():
+        for message, category, module in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield

@@ -1,0 +1,165 @@
+"""The TRL seam: the hooks the adapter overrides exist with our arguments, every private name the bridge reads exists
+(a fake upgrade that renames one stops the run at start-up, naming it), TRL honours the fused-head switch, the
+LossFn's loss is the one back-propagated, TRL loss options a LossFn would silently drop are refused, and nothing
+outside the bridge names a TRL private; a real older TRL in a slow test."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+import trl
+from trl import GRPOTrainer
+
+from nanopost_trl import trl_bridge
+from nanopost_trl.adapter import NanopostGRPOTrainer
+from nanopost_trl.config import Preset
+from nanopost_trl.trainer import Trainer
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_pyproject_declares_the_supported_trl_range():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"trl{trl_bridge.SUPPORTED_TRL}" in dependencies
+    assert trl.__version__ in trl_bridge.SpecifierSet(trl_bridge.SUPPORTED_TRL)  # the tests run on a supported TRL
+
+
+def test_installed_trl_has_every_hook():
+    trl_bridge.check_trl()
+
+
+def test_a_removed_hook_stops_the_run_at_start_naming_the_supported_versions(tmp_path, monkeypatch):
+    monkeypatch.delattr(GRPOTrainer, "_calculate_rewards")
+    with pytest.raises(
+        trl_bridge.UnsupportedTRL, match=r"GRPOTrainer has no method _calculate_rewards.*trl>=1\.16,<1\.17"
+    ):
+        Trainer(Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="removed")).run()
+    assert not (tmp_path / "removed.jsonl").exists()  # stopped before training
+
+
+def test_a_hook_whose_arguments_changed_stops_the_run(monkeypatch):
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", lambda self, model, inputs, num_items_in_batch: None)
+    with pytest.raises(trl_bridge.UnsupportedTRL, match=r"_compute_loss\(self, model, inputs, num_items_in_batch\) no"):
+        trl_bridge.check_trl()
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [(module, name) for module, names in trl_bridge.PRIVATE_NAMES.items() for name in names]
+)
+def test_a_fake_upgrade_renaming_a_private_name_stops_the_run_at_start(tmp_path, monkeypatch, module, name):
+    monkeypatch.delattr(importlib.import_module(module), name)
+    with pytest.raises(trl_bridge.UnsupportedTRL, match=rf"{re.escape(module)} has no {name}.*trl>=1\.16,<1\.17"):
+        Trainer(Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="renamed")).run()
+    assert not (tmp_path / "renamed.jsonl").exists()
+
+
+def test_a_fake_upgrade_dropping_the_metrics_store_stops_the_run(tiny_trainer, monkeypatch):
+    original = GRPOTrainer.__init__
+
+    def without_metrics(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        del self._metrics
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", without_metrics)
+    with pytest.raises(trl_bridge.UnsupportedTRL, match="GRPOTrainer instances have no _metrics"):
+        tiny_trainer()
+
+
+def test_a_trl_that_stops_reading_the_fused_head_switch_is_caught_on_first_use(tiny_trainer, monkeypatch):
+    """A TRL that keeps `_use_triton` and `_CHUNKED_LOGPROB_CHUNK_SIZE` but no longer reads them: the bridge's switch
+    lands in a module that the fused head does not consult, so its kernel sees TRL's own width and every position."""
+    import trl.trainer
+    import trl.trainer.utils as trl_utils
+
+    unread = types.ModuleType("trl.trainer.utils")
+    unread.__dict__.update(vars(trl_utils))
+    monkeypatch.setattr(trl.trainer, "utils", unread)
+    trainer = tiny_trainer()
+    ids = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(
+        trl_bridge.UnsupportedTRL, match=r"ignored .*_CHUNKED_LOGPROB_CHUNK_SIZE.*saw \[\(10, 32768\)\]"
+    ):
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 3)
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768 and "apply" not in vars(trl_utils._ChunkedLogProbFunction)
+
+
+def test_the_fused_head_check_passes_on_this_trl_and_runs_once(tiny_trainer):
+    trainer = tiny_trainer()
+    ids = torch.ones(2, 6, dtype=torch.long)
+    trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 3)
+    assert trainer.fused_head_check.seen == [(6, 4096)] and trainer.fused_head_check.done
+
+
+def test_no_module_outside_the_bridge_names_a_trl_private():
+    """Apart from the hooks the adapter overrides (HOOKS) and its own attributes, only trl_bridge names TRL privates."""
+    private = {name for names in trl_bridge.PRIVATE_NAMES.values() for name in names} | set(trl_bridge.TRAINER_STATE)
+    private |= {"_tokenizer", "_logs", "_last_loaded_step", "_signature_columns"}  # more of GRPOTrainer's own state
+    for path in (ROOT / "nanopost_trl").rglob("*.py"):
+        if path.name == "trl_bridge.py":
+            continue
+        words = set(re.findall(r"\b_\w+", path.read_text()))
+        assert not words & private, f"{path.relative_to(ROOT)} names TRL privates {sorted(words & private)}"
+
+
+class TRLLossInstead(NanopostGRPOTrainer):
+    """TRL's own loss reaches the backward pass instead of the LossFn's, as with TRL's Liger path (trl#7270)."""
+
+    calls_loss_fn = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.calls_loss_fn:
+            self._compute_loss(model, inputs)  # computed, then dropped
+        return GRPOTrainer._compute_loss(self, model, inputs)
+
+
+@pytest.mark.parametrize(
+    ("calls_loss_fn", "message"),
+    [(False, "without calling the adapter's _compute_loss"), (True, "was not the tensor TRL back-propagated")],
+)
+def test_a_bypassed_loss_fn_stops_the_run_on_the_first_step(tiny_trainer, calls_loss_fn, message):
+    trainer = tiny_trainer(type("Bypass", (TRLLossInstead,), {"calls_loss_fn": calls_loss_fn}))
+    with pytest.raises(trl_bridge.UnsupportedTRL, match=message):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("top_entropy_quantile", 0.2, "top_entropy_quantile"),
+        ("delta", 2.0, "delta"),
+        ("importance_sampling_level", "sequence", "GSPO"),
+        ("entropy_coef", 0.01, "entropy_coef"),
+    ],
+)
+def test_trl_loss_options_a_loss_fn_would_drop_are_refused_naming_the_builtin(tiny_trainer, option, value, field):
+    with pytest.raises(ValueError, match=rf"GRPOConfig option {option}={value!r} .*LossFn replaces.*: use .*{field}"):
+        tiny_trainer(**{option: value})
+
+
+@pytest.mark.slow
+def test_check_stops_a_real_trl_1_15_naming_the_supported_range(tmp_path):
+    """TRL 1.15 (below the declared range) installed beside the others: its hooks still fit our calls, but it lacks
+    `trl.trainer.utils._use_triton` (its fused log-prob path differs; a 1.15 run fails inside it with this torch), so
+    the start-up check stops with the supported range."""
+    target = tmp_path / "trl115"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), "trl==1.15.0"]
+    subprocess.run(pip, check=True, timeout=300)
+    script = (
+        "import trl\nfrom nanopost_trl import trl_bridge\n"
+        "assert trl.__version__ == '1.15.0', trl.__version__\n"
+        "trl_bridge.check_trl()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "UnsupportedTRL: trl.trainer.utils has no _use_triton" in result.stderr
+    assert "nanopost_trl supports trl>=1.16,<1.17 (installed: 1.15.0)" in result.stderr
