@@ -3,7 +3,8 @@ matching built-in, on the same inputs, over two accumulated micro-batches of une
 
 Each case names TRL's `GRPOConfig` options and the built-in that a TRL user would pick for them (README: "TRL
 `loss_type` -> nanopost built-in"). The adapter fills `entropies`, `num_items_in_batch` (TRL's
-`inputs["num_items_in_batch"]`), `micro_batches_per_step` and `truncated` of the `LearnerBatch` from TRL's inputs.
+`inputs["num_items_in_batch"]`) and `micro_batches_per_step` of the `LearnerBatch` from TRL's inputs, and `truncated`
+from the key its own generation step adds (set here as it would).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from nanopost_trl import base
+from nanopost_trl import base, learner
+from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.losses import CISPOLoss, DAPOLoss, GRPOLoss, GSPOLoss, LUSPOLoss, SAPOLoss, VESPOLoss
+from nanopost_trl.rewards import RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.trainer import NanopostGRPOTrainer, RewardAdapter, build_dataset
+from nanopost_trl.trainer import build_dataset
 
 MAX_NEW_TOKENS = 10
 KL_COEF = 0.1
@@ -163,8 +166,13 @@ def setup(tmp_path_factory, tokenizer, random_model_dir):
     generator = torch.Generator().manual_seed(2)
     stale = current + 0.3 * torch.randn(current.shape, generator=generator)
     reference = current + 0.3 * torch.randn(current.shape, generator=generator)
+    # the adapter's own key, from the batch before TRL's masking (TRL's rule: the last token is no EOS or pad)
+    truncated = learner.truncated(
+        plain["completion_ids"], plain["completion_mask"], [*trainer.eos_token_ids, tokenizer.pad_token_id]
+    )
     for inputs in (plain, masked):
         inputs.update(old_per_token_logps=stale, ref_per_token_logps=reference, rewards=torch.zeros(len(rows)))
+        inputs["truncated"] = truncated
         inputs["advantages"] = torch.tensor([1.2, -0.8, 0.3, -0.5, -1.0, 0.9, 0.4, -0.2])
     return model, tokenizer, dataset, instances, tmp_path, plain, masked
 
