@@ -75,7 +75,10 @@ def test_help_documents_every_field():
     ("args", "message"),
     [
         (["--preset", "QWEN_9B"], "unknown preset 'QWEN_9B'; valid: TINY_CPU"),
-        (["--loss", "ppo"], "unknown loss 'ppo'; valid: grpo, dg, kondo, pmpo, maxrl"),
+        (
+            ["--loss", "ppo"],
+            "unknown loss 'ppo'; valid: grpo, dg, kondo, pmpo, maxrl, dapo, gspo, cispo, sapo, luspo, vespo",
+        ),
         (["--tasks", "gsm8k,nope"], "unknown task 'nope'; valid: addition"),
         (["--loss", "dg", "--loss_args", "etta=1"], "DGLoss has no field 'etta' (did you mean 'eta'?)"),
         (["--num_stepz", "3"], "unrecognized argument: --num_stepz (did you mean --num_steps?)"),

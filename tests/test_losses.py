@@ -7,6 +7,7 @@ f_it is the per-token term and s_it the aggregation's weight on it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -17,7 +18,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanopost_trl.base import LearnerBatch
-from nanopost_trl.losses import DGLoss, GRPOLoss, KondoLoss, Loss, MaxRLLoss, PMPOLoss
+from nanopost_trl.losses import (
+    CISPOLoss,
+    DAPOLoss,
+    DGLoss,
+    GRPOLoss,
+    GSPOLoss,
+    KondoLoss,
+    Loss,
+    LUSPOLoss,
+    MaxRLLoss,
+    PMPOLoss,
+    SAPOLoss,
+    VESPOLoss,
+)
 
 LENGTHS = [5, 3, 2, 0]  # valid completion tokens per row; the last row is fully masked
 LOGP = [
@@ -29,12 +43,16 @@ LOGP = [
 LOG_RATIO = [[0.1, -0.5, 0.3, 0.0, 0.05], [0.4, -0.3, 0.1, 0.0, 0.0], [-0.1, 0.25, 0.0, 0.0, 0.0], [0.0] * 5]
 REF_MINUS_LOGP = [[0.2, -0.1, 0.5, -0.3, 0.0], [0.1, 0.4, -0.2, 0.0, 0.0], [-0.5, 0.3, 0.0, 0.0, 0.0], [0.0] * 5]
 ADV = [1.2, -0.7, 0.4, 0.9]
-AGGREGATIONS = ["seq_mean", "token_mean", "constant"]
+# per-token entropies, distinct on the 10 valid tokens; padding is high, to show it never enters the quantile
+ENTROPY = [[0.9, 0.1, 1.7, 0.4, 1.2], [0.3, 2.1, 0.6, 9.0, 9.0], [1.5, 0.05, 9.0, 9.0, 9.0], [9.0] * 5]
+AGGREGATIONS = ["seq_mean", "token_mean", "constant", "step_token_mean", "seq_sum_mean"]
 MAX_NEW_TOKENS = 8
+NUM_ITEMS, MICRO_BATCHES = 16, 2  # the step's valid tokens and micro-batches: "step_token_mean" divides by 16 / 2
 
 
-def make_batch(logp=LOGP, adv=ADV, lengths=LENGTHS, with_ref: bool = True) -> LearnerBatch:
-    """A float64 batch; rollout = logp - LOG_RATIO, reference = logp + REF_MINUS_LOGP (None if not with_ref)."""
+def make_batch(logp=LOGP, adv=ADV, lengths=LENGTHS, with_ref: bool = True, truncated=None) -> LearnerBatch:
+    """A float64 batch; rollout = logp - LOG_RATIO, reference = logp + REF_MINUS_LOGP (None if not with_ref),
+    entropies ENTROPY (with grad), NUM_ITEMS tokens over MICRO_BATCHES micro-batches in the step."""
     T = len(logp[0])
     old = [[lp - d for lp, d in zip(row, drow, strict=False)] for row, drow in zip(logp, LOG_RATIO, strict=False)]
     ref = [[lp + d for lp, d in zip(row, drow, strict=False)] for row, drow in zip(logp, REF_MINUS_LOGP, strict=False)]
@@ -47,6 +65,10 @@ def make_batch(logp=LOGP, adv=ADV, lengths=LENGTHS, with_ref: bool = True) -> Le
         advantages=torch.tensor(adv, dtype=f64).unsqueeze(1),
         rewards=torch.zeros(len(adv), dtype=f64),
         loss_mask=torch.tensor(mask, dtype=f64),
+        entropies=torch.tensor([row[:T] for row in ENTROPY[: len(logp)]], dtype=f64, requires_grad=True),
+        num_items_in_batch=torch.tensor(float(NUM_ITEMS), dtype=f64),
+        micro_batches_per_step=MICRO_BATCHES,
+        truncated=None if truncated is None else torch.tensor(truncated),
     )
 
 
@@ -65,6 +87,10 @@ def aggregation_weights(lengths, T: int, aggregation: str) -> list[list[float]]:
             s = 1 / (B * n) if n else 0.0
         elif aggregation == "token_mean":
             s = 1 / total if total else 0.0
+        elif aggregation == "step_token_mean":
+            s = MICRO_BATCHES / NUM_ITEMS
+        elif aggregation == "seq_sum_mean":
+            s = 1 / B
         else:
             s = 1 / (B * MAX_NEW_TOKENS)
         weights.append([s if t < n else 0.0 for t in range(T)])
@@ -269,6 +295,281 @@ def test_maxrl_is_the_clipped_surrogate_on_its_advantages(aggregation):
     check(loss_fn, make_batch(adv=adv), grpo_term(adv, 0.2, 0.1), aggregation)
 
 
+# --- TRL's loss family: asymmetric clips, DAPO, GSPO, LUSPO, CISPO, SAPO, VESPO ------------------------------------
+
+
+def clipped_term(adv, eps_low: float, eps_high: float, delta: float | None = None):
+    """-min(min(rho, delta) A, clip(rho, 1 - eps_low, 1 + eps_high) A): slope -rho A on the unclipped branch below
+    delta, else 0 (the clipped branch and the delta cap are constants in logp)."""
+
+    def term(i, t):
+        rho, a = math.exp(LOG_RATIO[i][t]), adv[i]
+        clipped = min(max(rho, 1 - eps_low), 1 + eps_high)
+        capped = rho if delta is None else min(rho, delta)
+        if capped * a <= clipped * a:
+            return -capped * a, (-rho * a if capped == rho else 0.0)
+        return -clipped * a, 0.0
+
+    return term
+
+
+def clipped_tokens(eps_low: float, eps_high: float, adv=ADV) -> set[tuple[int, int]]:
+    term = clipped_term(adv, eps_low, eps_high)
+    return {(i, t) for i, t in valid_tokens() if term(i, t)[1] == 0.0}
+
+
+# ratios: row 0 (A > 0) 1.105 .607 1.350 1 1.051; row 1 (A < 0) 1.492 .741 1.105; row 2 (A > 0) .905 1.284
+ASYMMETRIC_CLIPS = [(0.2, 0.28, {(0, 2), (1, 1), (2, 1)}), (0.3, 0.4, set()), (0.3, 0.28, {(0, 2), (2, 1)})]
+
+
+@pytest.mark.parametrize(("eps_low", "eps_high", "clipped"), ASYMMETRIC_CLIPS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_grpo_asymmetric_clip_uses_each_bound(aggregation, eps_low, eps_high, clipped):
+    """eps_low bounds the ratio of A < 0 tokens from below, eps_high that of A > 0 tokens from above."""
+    assert clipped_tokens(eps_low, eps_high) == clipped
+    assert clipped_tokens(eps_low, eps_low) != clipped or clipped_tokens(eps_high, eps_high) != clipped
+    loss_fn = GRPOLoss(eps_low=eps_low, eps_high=eps_high, kl_coef=0.0, aggregation=aggregation, max_new_tokens=8)
+    metrics = check(loss_fn, make_batch(with_ref=False), clipped_term(ADV, eps_low, eps_high), aggregation)
+    assert metrics["clipfrac"] == pytest.approx(len(clipped) / 10)
+
+
+def test_grpo_two_sided_clip_caps_the_unclipped_ratio():
+    """Row 1 token 0: A < 0, ratio 1.49 > delta = 1.3: the loss is -1.3 A there, with no gradient."""
+    term = clipped_term(ADV, 0.2, 0.2, delta=1.3)
+    assert term(1, 0) == (pytest.approx(1.3 * 0.7), 0.0)
+    check(GRPOLoss(kl_coef=0.0, delta=1.3), make_batch(with_ref=False), term, "seq_mean")
+
+
+def test_dapo_defaults_are_clip_higher_step_normalised_and_drop_flat_groups():
+    loss_fn = DAPOLoss()
+    assert (loss_fn.eps_low, loss_fn.eps_high, loss_fn.kl_coef, loss_fn.aggregation) == (
+        0.2,
+        0.28,
+        0.0,
+        "step_token_mean",
+    )
+    check(loss_fn, make_batch(with_ref=False), clipped_term(ADV, 0.2, 0.28), "step_token_mean")
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.25]])
+    assert loss_fn.keep_groups(rewards).tolist() == [True, False, False, True]
+    assert DAPOLoss(dynamic_sampling=False).keep_groups(rewards) is None
+
+
+def test_step_token_mean_over_two_micro_batches_is_the_step_token_mean():
+    """TRL's "dapo": each micro-batch divides its token sum by num_items_in_batch / micro-batches, the adapter
+    divides by the 2 accumulated micro-batches, so the step's loss is (sum over its 10 tokens) / 10, whatever the
+    split (rows 0-1 hold 8 tokens, rows 2-3 hold 2)."""
+    full = make_batch(with_ref=False)
+    halves = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        half = make_batch(LOGP[rows], ADV[rows], LENGTHS[rows], with_ref=False)
+        half.rollout_logprobs = full.rollout_logprobs[rows]
+        half.num_items_in_batch, half.micro_batches_per_step = torch.tensor(10.0, dtype=torch.float64), 2
+        halves.append(half)
+    loss = sum(GRPOLoss(kl_coef=0.0, aggregation="step_token_mean")(half)[0] / 2 for half in halves)
+    loss.backward()
+    term = clipped_term(ADV, 0.2, 0.2)
+    assert loss.item() == pytest.approx(sum(term(i, t)[0] for i, t in valid_tokens()) / 10, rel=1e-12)
+    for rows, half in zip((range(0, 2), range(2, 4)), halves, strict=True):
+        want = [[term(i, t)[1] / 10 if t < LENGTHS[i] else 0.0 for t in range(5)] for i in rows]
+        torch.testing.assert_close(half.policy_logprobs.grad, torch.tensor(want, dtype=torch.float64))
+
+
+def sequence_ratio(i: int) -> float:
+    """GSPO's s_i: exp of the mean log-ratio over the row's valid tokens."""
+    return math.exp(sum(LOG_RATIO[i][: LENGTHS[i]]) / LENGTHS[i]) if LENGTHS[i] else 1.0
+
+
+def check_sequence_clip(loss_fn, eps_low: float, eps_high: float, row_weight) -> None:
+    """loss = sum_i W_i f(s_i), f(s) = -min(s A, clip(s) A); d loss / d logp_it = W_i f'(s_i) s_i / n_i on valid
+    tokens (s_i depends on each of them through the mean), W_i the aggregation's weight on row i's term."""
+    want_loss, want_grad = 0.0, [[0.0] * 5 for _ in LENGTHS]
+    for i, n in enumerate(LENGTHS):
+        if not n:
+            continue
+        s_i, a = sequence_ratio(i), ADV[i]
+        clipped = min(max(s_i, 1 - eps_low), 1 + eps_high)
+        value, slope = (-s_i * a, -a) if s_i * a <= clipped * a else (-clipped * a, 0.0)
+        want_loss += row_weight(n) * value
+        for t in range(n):
+            want_grad[i][t] = row_weight(n) * slope * s_i / n
+    loss, _, grad = run(loss_fn, make_batch(with_ref=False))
+    assert loss == pytest.approx(want_loss, rel=1e-9)
+    torch.testing.assert_close(grad, torch.tensor(want_grad, dtype=torch.float64))
+
+
+# sequence ratios: row 0 (A > 0) 0.990, row 1 (A < 0) 1.069, row 2 (A > 0) 1.078: at the paper's 3e-4 / 4e-4 only
+# row 2 is clipped; at 0.05 / 0.07 row 2 is clipped and row 1 is not
+@pytest.mark.parametrize(("eps_low", "eps_high"), [(3e-4, 4e-4), (0.05, 0.07)])
+def test_gspo_clips_the_sequence_ratio(eps_low, eps_high):
+    check_sequence_clip(GSPOLoss(eps_low=eps_low, eps_high=eps_high), eps_low, eps_high, lambda n: 1 / 4)
+    grpo = GRPOLoss(eps_low=eps_low, eps_high=eps_high, kl_coef=0.0, importance_sampling_level="sequence")
+    check_sequence_clip(grpo, eps_low, eps_high, lambda n: 1 / 4)
+
+
+def test_luspo_weights_each_sequence_by_its_length():
+    assert (LUSPOLoss().eps_low, LUSPOLoss().eps_high) == (3e-4, 4e-4)
+    check_sequence_clip(LUSPOLoss(), 3e-4, 4e-4, lambda n: n / 4)
+
+
+@pytest.mark.parametrize("eps_high", [5.0, 1.3])
+def test_cispo_clips_the_detached_weight(eps_high):
+    def term(i, t):
+        weight = min(math.exp(LOG_RATIO[i][t]), eps_high)
+        return -weight * ADV[i] * LOGP[i][t], -weight * ADV[i]
+
+    metrics = check(CISPOLoss(eps_high=eps_high), make_batch(with_ref=False), term, "step_token_mean")
+    assert metrics["clipfrac"] == pytest.approx(0.1 if eps_high == 1.3 else 0.0)  # row 0 token 2 (A > 0, 1.35)
+
+
+def test_sapo_soft_gate():
+    def term(i, t):
+        rho, a = math.exp(LOG_RATIO[i][t]), ADV[i]
+        tau = 1.0 if a > 0 else 1.05
+        gate = sigmoid(tau * (rho - 1))
+        return -(4 / tau) * gate * a, -4 * gate * (1 - gate) * rho * a
+
+    check(SAPOLoss(), make_batch(with_ref=False), term, "seq_mean")
+
+
+def gamma_weight(i: int, k_lam_pos=(2.0, 3.0), k_lam_neg=(3.0, 2.0)) -> float:
+    """VESPO's phi(w) = e^lambda w^k e^(-lambda w) of the (not length-normalised) sequence ratio w."""
+    k, lam = k_lam_pos if ADV[i] >= 0 else k_lam_neg
+    w = math.exp(sum(LOG_RATIO[i][: LENGTHS[i]]))
+    return math.exp(lam) * w**k * math.exp(-lam * w)
+
+
+def test_vespo_weights_reinforce_by_the_gamma_function_of_the_sequence_ratio():
+    def term(i, t):
+        phi = gamma_weight(i)
+        return -phi * ADV[i] * LOGP[i][t], -phi * ADV[i]
+
+    metrics = check(VESPOLoss(), make_batch(with_ref=False), term, "step_token_mean")
+    assert metrics["phi_mean"] == pytest.approx(sum(gamma_weight(i) for i in range(4)) / 4)
+    assert gamma_weight(3) == pytest.approx(1.0)  # phi(1) = 1
+
+
+# --- the options every ratio loss shares ----------------------------------------------------------------------------
+
+
+def cispo_term(adv, eps_high: float):
+    def term(i, t):
+        weight = min(math.exp(LOG_RATIO[i][t]), eps_high)
+        return -weight * adv[i] * LOGP[i][t], -weight * adv[i]
+
+    return term
+
+
+# (loss, its aggregation, its hand term as a function of the advantages)
+RATIO_LOSSES = [
+    (GRPOLoss(kl_coef=0.0, eps_high=0.28), "seq_mean", lambda adv: clipped_term(adv, 0.2, 0.28)),
+    (DAPOLoss(), "step_token_mean", lambda adv: clipped_term(adv, 0.2, 0.28)),
+    (CISPOLoss(eps_high=1.3), "step_token_mean", lambda adv: cispo_term(adv, 1.3)),
+]
+RATIO_LOSS_IDS = ["grpo", "dapo", "cispo"]
+
+
+def entropy_quantile(q: float) -> float:
+    """torch.quantile's linear interpolation at q over the valid tokens' entropies, written out."""
+    values = sorted(ENTROPY[i][t] for i, t in valid_tokens())
+    pos = q * (len(values) - 1)
+    lo = math.floor(pos)
+    return values[lo] + (pos - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+
+
+def masked_term(term, kept):
+    """term on the kept tokens, 0 elsewhere."""
+    return lambda i, t: term(i, t) if kept(i, t) else (0.0, 0.0)
+
+
+# valid entropies sorted: .05 .1 .3 .4 .6 .9 1.2 1.5 1.7 2.1
+@pytest.mark.parametrize(("loss_fn", "aggregation", "make_term"), RATIO_LOSSES, ids=RATIO_LOSS_IDS)
+@pytest.mark.parametrize(("top", "kept"), [(0.3, {(0, 2), (1, 1), (2, 0)}), (0.0, {(1, 1)}), (1 / 9, {(0, 2), (1, 1)})])
+def test_high_entropy_mask_keeps_the_top_quantile_of_valid_tokens(loss_fn, aggregation, make_term, top, kept):
+    """kept = valid tokens with H >= the (1 - top) quantile; padding (H = 9.0, above all) never counts."""
+    assert kept == {(i, t) for i, t in valid_tokens() if ENTROPY[i][t] >= entropy_quantile(1 - top) - 1e-12}
+    loss_fn = dataclasses.replace(loss_fn, top_entropy_quantile=top)
+    term = masked_term(make_term(ADV), lambda i, t: (i, t) in kept)
+    metrics = check(loss_fn, make_batch(with_ref=False), term, aggregation)
+    assert metrics["high_entropy_frac"] == pytest.approx(len(kept) / 10)
+
+
+@pytest.mark.parametrize(("loss_fn", "aggregation", "make_term"), RATIO_LOSSES, ids=RATIO_LOSS_IDS)
+@pytest.mark.parametrize(("threshold", "dropped"), [(0.005, {0}), (-0.07, {0, 1}), (0.5, set())])
+def test_off_policy_mask_drops_negative_sequences_far_from_the_rollout(
+    loss_fn, aggregation, make_term, threshold, dropped
+):
+    """Mean of log pi_rollout - log pi_theta (= -LOG_RATIO) over valid tokens: row 0 -0.01... see below; rows with
+    A < 0 whose mean exceeds the threshold are dropped. Means: row 0 -0.01, row 1 -0.0667, row 2 -0.075."""
+    adv = [-1.2, -0.7, 0.4, 0.9]
+    means = [-sum(LOG_RATIO[i][: LENGTHS[i]]) / max(LENGTHS[i], 1) for i in range(4)]
+    assert {i for i in range(4) if adv[i] < 0 and means[i] > threshold} == dropped
+    loss_fn = dataclasses.replace(loss_fn, off_policy_mask_threshold=threshold)
+    term = masked_term(make_term(adv), lambda i, t: i not in dropped)
+    metrics = check(loss_fn, make_batch(adv=adv, with_ref=False), term, aggregation)
+    assert metrics["off_policy_masked_frac"] == pytest.approx(len(dropped) / 4)
+
+
+@pytest.mark.parametrize(("loss_fn", "aggregation", "make_term"), RATIO_LOSSES, ids=RATIO_LOSS_IDS)
+def test_mask_truncated_removes_truncated_completions_from_every_normaliser(loss_fn, aggregation, make_term):
+    """Row 1 truncated: its tokens leave the mask, so "seq_mean" still averages 4 rows (one now empty) and
+    "token_mean" divides by the 7 remaining tokens; "step_token_mean" keeps the step's count (the adapter's)."""
+    lengths = [5, 0, 2, 0]
+    loss_fn = dataclasses.replace(loss_fn, mask_truncated=True)
+    term = make_term(ADV)
+    loss, _, grad = run(loss_fn, make_batch(with_ref=False, truncated=[False, True, False, False]))
+    want_loss, want_grad = expected(term, aggregation, lengths)
+    assert loss == pytest.approx(want_loss, rel=1e-9)
+    torch.testing.assert_close(grad, want_grad)
+    token_mean = dataclasses.replace(loss_fn, aggregation="token_mean")
+    loss, _, _ = run(token_mean, make_batch(with_ref=False, truncated=[False, True, False, False]))
+    assert loss == pytest.approx(expected(term, "token_mean", lengths)[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("top", [1.0, 0.3])
+@pytest.mark.parametrize(("loss_fn", "aggregation", "make_term"), RATIO_LOSSES, ids=RATIO_LOSS_IDS)
+def test_entropy_bonus_is_the_masked_mean_entropy(loss_fn, aggregation, make_term, top):
+    """loss = policy loss - coef * mean entropy over the valid (and, with the entropy mask, high-entropy) tokens,
+    whatever the aggregation: d loss / d H_it = -coef / n_kept on kept tokens; d loss / d logp unchanged."""
+    coef, threshold = 0.05, entropy_quantile(1 - top)
+    kept = {(i, t) for i, t in valid_tokens() if ENTROPY[i][t] >= threshold}
+    loss_fn = dataclasses.replace(loss_fn, entropy_coef=coef, top_entropy_quantile=top)
+    batch = make_batch(with_ref=False)
+    loss, metrics = loss_fn(batch)
+    loss.backward()
+    policy_loss, want_grad = expected(masked_term(make_term(ADV), lambda i, t: (i, t) in kept), aggregation)
+    mean_entropy = sum(ENTROPY[i][t] for i, t in kept) / len(kept)
+    assert loss.item() == pytest.approx(policy_loss - coef * mean_entropy, rel=1e-9)
+    assert metrics["policy_loss"] == pytest.approx(policy_loss, rel=1e-9)
+    torch.testing.assert_close(batch.policy_logprobs.grad, want_grad)
+    want = [[-coef / len(kept) if (i, t) in kept else 0.0 for t in range(5)] for i in range(4)]
+    torch.testing.assert_close(batch.entropies.grad, torch.tensor(want, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "field", "setting"),
+    [
+        (GRPOLoss(kl_coef=0.0, top_entropy_quantile=0.2), "entropies", r"GRPOLoss\(top_entropy_quantile=0.2\)"),
+        (SAPOLoss(entropy_coef=0.01), "entropies", r"SAPOLoss\(entropy_coef=0.01\)"),
+        (DAPOLoss(), "num_items_in_batch", 'aggregation="step_token_mean"'),
+        (CISPOLoss(mask_truncated=True), "truncated", r"CISPOLoss\(mask_truncated=True\)"),
+        (VESPOLoss(kl_coef=0.1), "reference_logprobs", r"VESPOLoss\(kl_coef=0.1\)"),
+    ],
+)
+def test_a_missing_batch_field_names_the_field_and_the_setting(loss_fn, field, setting):
+    batch = make_batch(with_ref=False)
+    if field != "reference_logprobs":
+        setattr(batch, field, None)
+    with pytest.raises(ValueError, match=f"^{setting} needs batch.{field}, which this run did not provide$"):
+        loss_fn(batch)
+
+
+def test_unknown_options_fail_at_construction():
+    with pytest.raises(ValueError, match="unknown importance_sampling_level 'seq'; valid: 'token', 'sequence'"):
+        GRPOLoss(importance_sampling_level="seq")
+    with pytest.raises(ValueError, match=r"top_entropy_quantile must be in \[0, 1\], got 1.5"):
+        DAPOLoss(top_entropy_quantile=1.5)
+
+
 # --- advantages and edge cases shared by every loss ----------------------------------------------------------------
 
 
@@ -282,6 +583,12 @@ def test_default_advantages_are_group_normalised():
 def all_losses(kl_coef: float):
     return [
         GRPOLoss(kl_coef=kl_coef),
+        DAPOLoss(kl_coef=kl_coef),
+        GSPOLoss(kl_coef=kl_coef),
+        LUSPOLoss(kl_coef=kl_coef),
+        CISPOLoss(kl_coef=kl_coef),
+        SAPOLoss(kl_coef=kl_coef),
+        VESPOLoss(kl_coef=kl_coef),
         DGLoss(kl_coef=kl_coef),
         KondoLoss(keep_frac=0.5, kl_coef=kl_coef),
         PMPOLoss(kl_coef=kl_coef, max_new_tokens=MAX_NEW_TOKENS),
@@ -329,6 +636,8 @@ def random_batch(logp, adv, lengths) -> LearnerBatch:
         torch.tensor(adv, dtype=torch.float64).unsqueeze(1),
         torch.zeros(len(adv), dtype=torch.float64),
         torch.tensor(mask, dtype=torch.float64),
+        num_items_in_batch=torch.tensor(float(NUM_ITEMS), dtype=torch.float64),
+        micro_batches_per_step=MICRO_BATCHES,
     )
 
 

@@ -20,12 +20,11 @@ is unused, as in the paper.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_mean
+from nanopost_trl.losses.ops import Aggregation, aggregate, delight, kl_to_reference, masked_mean
 
 
 @dataclasses.dataclass
@@ -34,7 +33,7 @@ class DGLoss(base.LossFn):
 
     eta: float = 1.0  # gate temperature
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
-    aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
+    aggregation: Aggregation = "seq_mean"
     max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
@@ -49,4 +48,4 @@ class DGLoss(base.LossFn):
             kl = kl_to_reference(batch)
             per_token = per_token + self.kl_coef * kl
             metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(per_token, mask, self.aggregation, self.max_new_tokens), metrics
+        return aggregate(per_token, batch, self.aggregation, self.max_new_tokens), metrics

@@ -6,44 +6,40 @@ Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300), eq. (3); the clip is Schulm
     r_t = pi_theta(o_t) / pi_old(o_t),    D_KL ~= exp(logp_ref - logp) - (logp_ref - logp) - 1    (eq. 4, k3)
 
 Aggregations match TRL's `loss_type`: "seq_mean" = "grpo" (mean over sequences of the masked token mean),
-"token_mean" = "bnpo" (masked sum / valid tokens), "constant" = "dr_grpo" (masked sum / (B * max_new_tokens)).
+"token_mean" = "bnpo" (masked sum / valid tokens), "constant" = "dr_grpo" (masked sum / (B * max_new_tokens)),
+"step_token_mean" = "dapo" (see `Loss.DAPO`), "seq_sum_mean" = "luspo" (see `Loss.LUSPO`).
 `kl_ratio_correction=True` weights the KL term by r_t as TRL does by default (`use_bias_correction_kl`): an
 importance-sampling correction of the KL estimate for off-policy samples; off by default, as in the paper.
+`importance_sampling_level="sequence"` uses GSPO's sequence ratio (see `Loss.GSPO`). `delta` is INTELLECT-2's
+two-sided clip (arXiv 2505.07291): r_t is also capped at delta in the unclipped branch, bounding the loss of a
+negative-advantage token whose ratio explodes (TRL's `delta`; set it above 1 + eps_high). The options shared with
+the other ratio losses (off-policy mask, entropy mask and bonus, truncation) are `SurrogateLoss`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
+from nanopost_trl.losses.ops import masked_mean
+from nanopost_trl.losses.surrogate import SurrogateLoss
 
 
 @dataclasses.dataclass
-class GRPOLoss(base.LossFn):
+class GRPOLoss(SurrogateLoss):
     headline_metrics = ("clipfrac",)
-    corrects_sampler_mismatch = True  # r_t is against the sampler's log-probs (behaviour policy); the clip bounds it
 
     eps_low: float = 0.2
     eps_high: float = 0.2
-    kl_coef: float | None = None  # None: TrainConfig.kl_coef
-    aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
-    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
-    kl_ratio_correction: bool = False  # weight the KL by the ratio r_t (TRL's `use_bias_correction_kl`)
+    delta: float | None = None  # two-sided clip: cap r at delta in the unclipped branch; None: off
 
-    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
-        mask = batch.mask
-        ratio = torch.exp(batch.policy_logprobs - batch.rollout_logprobs)
+    def surrogate(
+        self, batch: base.LearnerBatch, ratio: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, base.Metrics]:
         clipped_ratio = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
-        per_token = -torch.min(ratio * batch.advantages, clipped_ratio * batch.advantages)
-        metrics = {
-            "clipfrac": masked_mean(((ratio * batch.advantages) > (clipped_ratio * batch.advantages)).float(), mask)
-        }
-        if self.kl_coef:
-            kl = kl_to_reference(batch)
-            per_token = per_token + self.kl_coef * (kl * ratio if self.kl_ratio_correction else kl)
-            metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(per_token, mask, self.aggregation, self.max_new_tokens), metrics
+        if self.delta is not None:
+            ratio = torch.clamp(ratio, max=self.delta)
+        unclipped, clipped = ratio * batch.advantages, clipped_ratio * batch.advantages
+        return -torch.min(unclipped, clipped), {"clipfrac": masked_mean((unclipped > clipped).float(), mask)}

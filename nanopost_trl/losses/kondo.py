@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import aggregate, delight, kl_to_reference, masked_mean
+from nanopost_trl.losses.ops import Aggregation, aggregate, delight, kl_to_reference, masked_mean
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ class KondoLoss(base.LossFn):
     keep_frac: float = 0.1  # fraction of candidates (valid tokens or completions) that pay for a backward pass
     unit: Literal["token", "sequence"] = "token"  # what the gate keeps or drops
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
-    aggregation: Literal["seq_mean", "token_mean", "constant"] = "token_mean"
+    aggregation: Aggregation = "token_mean"
     max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def __post_init__(self) -> None:
@@ -71,4 +71,4 @@ class KondoLoss(base.LossFn):
             kl = kl_to_reference(batch)
             per_token = per_token + self.kl_coef * kl
             metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(gate * per_token, mask, self.aggregation, self.max_new_tokens), metrics
+        return aggregate(gate * per_token, batch, self.aggregation, self.max_new_tokens), metrics

@@ -25,12 +25,11 @@ summary of v3; the stored copy we could read stops at the abstract.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import aggregate, kl_to_reference, masked_mean
+from nanopost_trl.losses.ops import Aggregation, aggregate, kl_to_reference, masked_mean
 
 
 @dataclasses.dataclass
@@ -40,7 +39,7 @@ class PMPOLoss(base.LossFn):
     alpha: float = 0.5  # weight on accepted samples; 1 - alpha on rejected ones
     threshold: float | None = None  # None: accept above the group mean; a float: accept iff reward >= threshold
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
-    aggregation: Literal["seq_mean", "token_mean", "constant"] = "constant"
+    aggregation: Aggregation = "constant"
     max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -63,4 +62,4 @@ class PMPOLoss(base.LossFn):
             kl = kl_to_reference(batch)
             per_token = per_token + self.kl_coef * kl
             metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(per_token, mask, self.aggregation, self.max_new_tokens), metrics
+        return aggregate(per_token, batch, self.aggregation, self.max_new_tokens), metrics
