@@ -121,13 +121,13 @@ class NanopostGRPOTrainer(GRPOTrainer):
         )
         rank, size = self.accelerator.process_index, len(inputs)
         local = slice(rank * size, (rank + 1) * size)
-        completion_ids, completion_mask = trl_bridge.completions(output)
+        completion_ids, _ = trl_bridge.completions(output)
         return output | {
             "advantages": advantages[local],
             "rewards": rewards[local],
             "reward_components": components[local],
             "truncated": learner.truncated(
-                completion_ids, completion_mask, [*self.eos_token_ids, self.tokenizer.pad_token_id]
+                completion_ids, self.max_completion_length, [*self.eos_token_ids, self.tokenizer.pad_token_id]
             ),
         }, keep
 

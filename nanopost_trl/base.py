@@ -42,10 +42,10 @@ class LearnerBatch:
     # (B, T), same graph as policy_logprobs: each position's policy entropy at temperature 1/`temperature` (with grad,
     # for an entropy bonus; `.detach()` it to build a mask). 0 on padding.
     entropies: torch.Tensor | None = None
-    # () float: valid completion tokens of the whole optimizer step, over all processes and micro-batches (TRL's
-    # `num_items_in_batch`). None only in a hand-built batch.
+    # () float: valid completion tokens of the generation batch (one optimizer step's), over all processes and
+    # micro-batches (TRL's `num_items_in_batch`). None only in a hand-built batch.
     num_items_in_batch: torch.Tensor | None = None
-    micro_batches_per_step: int = 1  # processes x accumulated micro-batches in one optimizer step
+    micro_batches_per_step: int = 1  # processes x the micro-batches the generation batch is split into
     truncated: torch.Tensor | None = None  # (B,) bool: the completion hit max_new_tokens without an end-of-sequence
     reward_components: torch.Tensor | None = None  # (B, C): each reward function's unweighted score
     reward_names: tuple[str, ...] = ()  # the C component names, in column order

@@ -92,6 +92,13 @@ class TrainConfig:
     save_final_model: bool = field(default=True, metadata={"help": "save_pretrained the final model/adapter."})
     wandb_log: bool = field(default=False, metadata={"help": "Report to Weights & Biases."})
     wandb_project: str = field(default="nanopost_trl", metadata={"help": "W&B project."})
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's: completions cut at max_new_tokens leave the loss mask and the step's token count, for "
+            "every loss (a loss's own mask_truncated drops them from its terms but not from num_items_in_batch)."
+        },
+    )
     refill_rounds: int = field(
         default=0,
         metadata={
@@ -344,6 +351,7 @@ def to_grpo_config(
         max_grad_norm=cfg.max_grad_norm,
         beta=1.0 if uses_reference else 0.0,
         num_iterations=cfg.num_iterations,
+        mask_truncated_completions=cfg.mask_truncated_completions,
         reward_weights=reward_weights,
         seed=cfg.seed,
         logging_steps=1,

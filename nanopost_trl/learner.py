@@ -165,15 +165,13 @@ def group_advantages(
     return advantages.reshape(-1), keep.repeat_interleave(group_size)
 
 
-def truncated(
-    completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids: Sequence[int]
-) -> torch.Tensor:
-    """(B,) bool: completions whose last valid token is not an end of sequence (cut at max_new_tokens), as TRL's
-    `mask_truncated_completions` decides it. An empty completion is not truncated."""
-    lengths = completion_mask.sum(dim=1)
-    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    ends = torch.isin(last, torch.tensor(list(eos_token_ids), device=last.device))
-    return (lengths > 0) & ~ends
+def truncated(completion_ids: torch.Tensor, max_new_tokens: int, end_ids: Sequence[int]) -> torch.Tensor:
+    """(B,) bool: completions cut at `max_new_tokens`, by TRL's rule (`mask_truncated_completions`): full length and
+    the last token no end of sequence or padding. Read from the ids alone, so it holds after TRL masked them."""
+    if completion_ids.size(1) < max_new_tokens:
+        return torch.zeros(completion_ids.size(0), dtype=torch.bool, device=completion_ids.device)
+    last = completion_ids[:, max_new_tokens - 1]
+    return ~torch.isin(last, torch.tensor(list(end_ids), device=last.device))
 
 
 def checked_loss(

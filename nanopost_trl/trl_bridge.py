@@ -59,13 +59,17 @@ TRAINER_STATE = ("_metrics",)  # GRPOTrainer instance attributes read or written
 # silently ignored, so it is refused, naming the built-in loss field that does the same. (Options the LossFn owns,
 # such as loss_type, epsilon, beta as a coefficient and use_bias_correction_kl, are its fields too; see the README.)
 # option -> (TRL's default, what to use instead)
+RATIO_LOSSES = "GRPO, MaxRL, DAPO, GSPO, LUSPO, CISPO, SAPO, VESPO"
 REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
-    "top_entropy_quantile": (1.0, "the loss field top_entropy_quantile (GRPO, DAPO, GSPO, CISPO, SAPO, LUSPO)"),
-    "delta": (None, "the loss field delta (GRPO, DAPO, GSPO, LUSPO)"),
+    "top_entropy_quantile": (1.0, f"the loss field top_entropy_quantile ({RATIO_LOSSES})"),
+    "delta": (None, "the loss field delta (GRPO, MaxRL, DAPO, GSPO, LUSPO)"),
     "importance_sampling_level": ("token", "Loss.GSPO, or the loss field importance_sampling_level"),
-    "off_policy_mask_threshold": (None, "the loss field off_policy_mask_threshold"),
-    "entropy_coef": (0.0, "the loss field entropy_coef"),
-    "use_adaptive_entropy": (False, "the loss field entropy_coef (a static bonus)"),
+    "off_policy_mask_threshold": (None, f"the loss field off_policy_mask_threshold ({RATIO_LOSSES})"),
+    "entropy_coef": (0.0, f"the loss field entropy_coef ({RATIO_LOSSES})"),
+    "use_adaptive_entropy": (
+        False,
+        "a static entropy_coef (an adaptive one needs the optimizer-step boundary, which a LossFn does not see)",
+    ),
 }
 
 
@@ -160,6 +164,7 @@ def learner_batch(
         rollout_logprobs = torch.where(sampler_logprobs.isnan(), rollout_logprobs, sampler_logprobs)
     training = metrics_mode(trainer) == "train"
     num_items_in_batch = inputs.get("num_items_in_batch")  # TRL always sets it; a hand-built input may not
+    micro_batches = trainer.accelerator.num_processes * (trainer.args.steps_per_generation if training else 1)
     return base.LearnerBatch(
         policy_logprobs=policy_logprobs,
         rollout_logprobs=rollout_logprobs,
@@ -169,8 +174,7 @@ def learner_batch(
         loss_mask=torch.cat([inputs["prompt_mask"][:, -1:], mask], dim=1).to(policy_logprobs.dtype),
         entropies=entropies,
         num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch.float(),
-        micro_batches_per_step=trainer.accelerator.num_processes
-        * (trainer.current_gradient_accumulation_steps if training else 1),
+        micro_batches_per_step=micro_batches,
         truncated=inputs.get("truncated"),
         reward_components=inputs.get("reward_components"),
         reward_names=tuple(trainer.reward_func_names),

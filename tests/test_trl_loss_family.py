@@ -166,10 +166,11 @@ def setup(tmp_path_factory, tokenizer, random_model_dir):
     generator = torch.Generator().manual_seed(2)
     stale = current + 0.3 * torch.randn(current.shape, generator=generator)
     reference = current + 0.3 * torch.randn(current.shape, generator=generator)
-    # the adapter's own key, from the batch before TRL's masking (TRL's rule: the last token is no EOS or pad)
-    truncated = learner.truncated(
-        plain["completion_ids"], plain["completion_mask"], [*trainer.eos_token_ids, tokenizer.pad_token_id]
-    )
+    # the adapter's own key (TRL's rule: full length, the last token no EOS or pad), the same after TRL's masking
+    end_ids = [*trainer.eos_token_ids, tokenizer.pad_token_id]
+    truncated = learner.truncated(plain["completion_ids"], MAX_NEW_TOKENS, end_ids)
+    assert torch.equal(truncated, learner.truncated(masked["completion_ids"], MAX_NEW_TOKENS, end_ids))
+    assert torch.equal(truncated, (masked["completion_mask"].sum(1) == 0) & (plain["completion_mask"].sum(1) > 0))
     for inputs in (plain, masked):
         inputs.update(old_per_token_logps=stale, ref_per_token_logps=reference, rewards=torch.zeros(len(rows)))
         inputs["truncated"] = truncated
