@@ -17,12 +17,13 @@ passed as `attention_mask` is used as-is by every mask creator, sliding-window l
 fall back (`shared_prompt_unsupported`).
 
 Rows are grouped by their prompt tokens wherever they sit in the micro-batch, so the result never depends on the
-row order; the saving is complete when a micro-batch holds whole groups.
+row order; the saving is complete when a micro-batch holds whole groups (`shuffle_whole_groups`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -178,3 +179,22 @@ def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
     if local or (layer_types is None and getattr(config, "sliding_window", None) is not None):
         return f"{config.model_type} has {', '.join(local) or 'sliding_attention'} layers, which a 4D mask overrides"
     return None
+
+
+def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
+    """TRL's `shuffle_sequence_dict` (which permutes rows), permuting whole groups of `group_size` consecutive rows
+    instead, so that splitting the result into micro-batches of a multiple of `group_size` rows keeps groups whole."""
+    rows = len(next(value for value in batch.values() if value is not None))
+    if rows % group_size:
+        raise ValueError(f"{rows} rows do not split into whole groups of {group_size}")
+    starts = torch.randperm(rows // group_size) * group_size
+    permutation = (starts[:, None] + torch.arange(group_size)).flatten()
+
+    def permute(value: Any) -> Any:
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[permutation.to(value.device)]
+        return [value[i] for i in permutation]
+
+    return {key: permute(value) for key, value in batch.items()}

@@ -26,6 +26,7 @@ from nanopost_trl.shared_prompt import (
     shared_prompt_attention_mask,
     shared_prompt_logprobs,
     shared_prompt_unsupported,
+    shuffle_whole_groups,
 )
 
 TEMPERATURE = 0.7
@@ -220,3 +221,17 @@ def test_the_path_applies_to_dense_text_models_with_eager_or_sdpa_only(tokenizer
 
     lora = get_peft_model(random_qwen2(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
     assert shared_prompt_unsupported(lora) is None
+
+
+def test_shuffling_whole_groups_keeps_each_micro_batch_whole():
+    prompts = torch.arange(6).repeat_interleave(4)[:, None].expand(-1, 3)  # 6 groups of 4 rows
+    batch = {"prompt_ids": prompts, "row": list(range(24)), "num_items_in_batch": torch.tensor(24), "images": None}
+    torch.manual_seed(0)
+    shuffled = shuffle_whole_groups(batch, group_size=4)
+    assert shuffled["num_items_in_batch"] is batch["num_items_in_batch"] and shuffled["images"] is None
+    assert sorted(shuffled["row"]) == list(range(24)) and shuffled["row"] != list(range(24))
+    assert torch.equal(shuffled["prompt_ids"], prompts[shuffled["row"]])
+    for group in shuffled["prompt_ids"].split(4):
+        assert (group == group[0]).all()
+    with pytest.raises(ValueError, match="24 rows do not split into whole groups of 5"):
+        shuffle_whole_groups(batch, group_size=5)
