@@ -119,6 +119,7 @@ def shared_prompt_attention_mask(model: torch.nn.Module, packed: PackedGroups) -
         kv_segment = segment_ids[batch_idx, kv_idx]
         return (kv_segment == 0) | (kv_segment == segment_ids[batch_idx, q_idx])
 
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers hold the config on `module`
     embedding_dtype = model.get_input_embeddings().weight.dtype
     shape_probe = torch.empty(*segment_ids.shape, 0, dtype=embedding_dtype, device=segment_ids.device)
     return create_causal_mask(
@@ -166,7 +167,7 @@ def shared_prompt_logprobs(
 
 def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
     """None where the shared-prompt path is exact for `model`; else why it is not (the caller falls back)."""
-    config = model.config
+    config = getattr(model, "module", model).config
     if config.get_text_config() is not config:
         return f"{config.model_type} is multimodal: its masks and positions depend on the image tokens"
     attention = config._attn_implementation
