@@ -13,9 +13,9 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             raise ValueError("offload_reference: use DeepSpeed's own offload_param_device for the reference instead")
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
+        self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -82,7 +83,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         staleness = self.actor.staleness(self.state.global_step, params) if self.model.training else 0
         with (
             self.reference.on_device(self.ref_model, self.accelerator.device),
-            self.actor.weights(params) if staleness else contextlib.nullcontext(),
+            self.actor.weights(params) if staleness else nullcontext(),
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
         ):
             scored = [self._scored_groups(inputs, staleness)]
@@ -141,10 +142,17 @@ class NanopostGRPOTrainer(GRPOTrainer):
                 self.accelerator.autocast, **kwargs,
             )  # fmt: skip
         vocab_chunk = self.cfg.vocab_chunk(triton=trl_bridge.kernel_uses_triton(input_ids.device))
+        extra_inputs = any(value is not None and value is not False for value in kwargs.values())
         with trl_bridge.fused_head_tiles(vocab_chunk, self.fused_head_check):
-            result = super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
-            )
+            if self.shared_prompt.applies and not extra_inputs:  # multimodal or MoE-router inputs take TRL's path
+                result = learner.shared_prompt_pass(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                    self.accelerator.autocast,
+                )  # fmt: skip
+            else:
+                result = super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+                )
         self.fused_head_check.verify(attention_mask[: batch_size or None], logits_to_keep, vocab_chunk)
         return result
 
@@ -191,6 +199,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
             log_metrics(self, {"aux_loss": router_loss.item()})
         normalizer = self.current_gradient_accumulation_steps if self.model.training else 1.0
         return self.backprop_check.watch(loss / normalizer)
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's, shuffling whole prompt groups where micro-batches hold whole groups (the shared prompt's saving)."""
+        with trl_bridge.shuffled_by_group(self.num_generations) if self.shared_prompt.whole_groups else nullcontext():
+            return super()._prepare_inputs(generation_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -133,6 +133,14 @@ class TrainConfig:
             "model's own forward, materialising micro_batch x completion x vocab logits (the reference path)."
         },
     )
+    shared_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the completions of one prompt with the prompt through the model once (one packed sequence, "
+            "a custom attention mask; Prefix Grouper), in every log-prob pass: exact, and the learning phase's prompt "
+            "compute shrinks by the group size. Falls back (and says why once) for models it cannot apply to."
+        },
+    )
     logprob_vocab_chunk: int | None = field(
         default=None,
         metadata={

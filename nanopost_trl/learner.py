@@ -3,19 +3,23 @@
 - `ActorCopy`: actor/learner staleness; the actor samples with a copy of the weights re-taken every `sync_interval`.
 - `ReferenceOffload`: the reference model lives on CPU and visits the device for its log-prob pass.
 - `gated_policy_logprobs`: the grad-carrying forward on the rows a loss's `backward_rows` keeps.
-- `materialized_logprobs`: the reference log-prob path through the model's full logits (`chunked_logprobs=False`).
+- `materialized_logprobs`: the reference log-prob path through the model's full logits (`chunked_logprobs=False`);
+  `shared_prompt_pass`: each prompt through the model once (`shared_prompt=True`).
 - `group_advantages`, `truncated`, `sampler_corrected`: the tensors the adapter adds to TRL's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from nanopost_trl import base, trl_bridge
+from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
 
 # rows -> (log-probs, entropies, MoE router loss or None) of those rows
 LogprobForward = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -141,6 +145,37 @@ def materialized_logprobs(
     return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
 
 
+def shared_prompt_pass(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int | None,
+    compute_entropy: bool,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """TRL's `_get_per_token_logps_and_entropies` through the shared-prompt path (`nanopost_trl.shared_prompt`),
+    `batch_size` rows at a time: the prompt (`input_ids[:, :-logits_to_keep]`, left-padded) once per distinct prompt
+    of a chunk, then each completion."""
+    batch_size = batch_size or input_ids.size(0)
+    prompt, completion = slice(None, -logits_to_keep), slice(-logits_to_keep, None)
+    logprobs, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        with autocast():
+            row_logprobs, row_entropies = shared_prompt_logprobs(
+                model,
+                input_ids[rows, prompt],
+                attention_mask[rows, prompt],
+                input_ids[rows, completion],
+                attention_mask[rows, completion],
+                compute_entropy,
+            )
+        logprobs.append(row_logprobs)
+        entropies.append(row_entropies)
+    return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
+
+
 def sampler_corrected(logprobs: torch.Tensor, importance_sampling_ratio: torch.Tensor) -> torch.Tensor:
     """`logprobs` with the same values, each token's gradient multiplied by TRL's vLLM importance-sampling ratio
     ((B, T) per token, or (B, 1) per sequence; detached): TRL's `per_token_loss * importance_sampling_ratio` for a
@@ -244,3 +279,24 @@ class GroupRefill:
         order = torch.cat([kept_groups.nonzero()[:, 0], (~kept_groups).nonzero()[:, 0]])[: self.groups_per_process]
         rows = (order[:, None] * self.group_size + torch.arange(self.group_size, device=order.device)).reshape(-1)
         return rows, keep[rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPromptSetting:
+    """Whether the log-prob passes share each prompt (`applies`), and whether TRL's micro-batches can hold whole
+    prompt groups (`whole_groups`: then its shuffle permutes groups, so each prompt is computed once per step)."""
+
+    applies: bool
+    whole_groups: bool
+
+
+def shared_prompt_setting(cfg, model: torch.nn.Module, args) -> SharedPromptSetting:
+    """`cfg.shared_prompt` where it is exact for `model` (else off, saying why once) and with TRL's batching `args`."""
+    if not cfg.shared_prompt or not cfg.chunked_logprobs:
+        return SharedPromptSetting(False, False)
+    if reason := shared_prompt_unsupported(model):
+        warnings.warn(f"shared_prompt: off for this model ({reason}); each row carries its own prompt", stacklevel=3)
+        return SharedPromptSetting(False, False)
+    per_process = args.per_device_train_batch_size * args.steps_per_generation
+    group = args.num_generations
+    return SharedPromptSetting(True, args.per_device_train_batch_size % group == 0 and per_process % group == 0)

@@ -40,6 +40,7 @@ HOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("batch_size", "compute_entropy", "compute_aux_loss"),
     ),
     "training_step": (("model", "inputs", "num_items_in_batch"), ()),
+    "_prepare_inputs": (("generation_batch",), ()),
 }
 # module -> the attributes read here. `_use_triton` in trl.trainer.utils decides whether the fused head scores only
 # the labelled positions (`compact`); the kernel module's own `_use_triton` decides the Triton kernel.
@@ -52,6 +53,7 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
         "selective_log_softmax_and_entropy",
     ),
     "trl.kernels.chunked_logprob": ("_use_triton",),
+    "trl.trainer.grpo_trainer": ("shuffle_sequence_dict",),
 }
 TRAINER_STATE = ("_metrics",)  # GRPOTrainer instance attributes read or written here
 
@@ -299,6 +301,22 @@ def fused_head_tiles(vocab_chunk: int, check: FusedHeadCheck | None = None) -> I
             del kernel_class.apply
         elif recording:
             kernel_class.apply = own_apply
+
+
+@contextlib.contextmanager
+def shuffled_by_group(group_size: int) -> Iterator[None]:
+    """Inside the block, TRL's generation-batch shuffle (before it splits the batch into micro-batches) permutes
+    whole groups of `group_size` consecutive rows instead of rows, so micro-batches hold whole prompt groups."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    from nanopost_trl.shared_prompt import shuffle_whole_groups
+
+    shuffle = grpo_module.shuffle_sequence_dict
+    grpo_module.shuffle_sequence_dict = lambda batch: shuffle_whole_groups(batch, group_size)
+    try:
+        yield
+    finally:
+        grpo_module.shuffle_sequence_dict = shuffle
 
 
 def kernel_uses_triton(device: torch.device) -> bool:

@@ -72,7 +72,9 @@ def tiny_trainer(tmp_path):
             setattr(args, name, value)
         instances = resolve_tasks("addition", "train")[:16]
         return trainer_class(
-            model=AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH),
+            model=AutoModelForCausalLM.from_pretrained(
+                TINY_MODEL_PATH, dtype=torch.float32
+            ),  # fp32 master weights, as a run
             reward_funcs=[
                 RewardAdapter(lambda completions, instances: [float(len(c)) for c in completions], instances)
             ],

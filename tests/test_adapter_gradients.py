@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from nanopost_trl import base
+from nanopost_trl import base, learner, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig
-from nanopost_trl.losses import GRPOLoss, KondoLoss
+from nanopost_trl.losses import DGLoss, GRPOLoss, KondoLoss
 from nanopost_trl.rewards import RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
@@ -139,7 +139,7 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
             processing_class=tokenizer,
             loss_fn=loss_cls(keep_frac=keep_frac, kl_coef=0.0, unit=unit),
             instances=instances,
-            cfg=TrainConfig(),
+            cfg=TrainConfig(shared_prompt=False),  # rows counted unpacked
         )
         for loss_cls in (KondoLoss, KondoWithoutSkipping, KondoKeepingAllRows)
     ]
@@ -343,3 +343,60 @@ def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, tokenizer):
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
     assert ours._metrics["train"]["aux_loss"][-1] == pytest.approx(trl_trainer._metrics["train"]["aux_loss"][-1])
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [GRPOLoss(kl_coef=KL_COEF, eps_high=0.28), DGLoss(kl_coef=KL_COEF), KondoLoss(unit="token", keep_frac=0.3)],
+    ids=["grpo-reference", "dg", "kondo-gated"],
+)
+def test_shared_prompt_path_equals_the_unshared_one_through_the_adapter(tiny_trainer, loss_fn):
+    """Every log-prob pass of a step with each prompt through the model once (policy, gated rows, reference) gives
+    the unshared path's log-probs, entropies and gradients; the grad-carrying forward holds one row per prompt."""
+    trainer = tiny_trainer(loss_fn=loss_fn)
+    assert trainer.shared_prompt.applies and trainer.shared_prompt.whole_groups
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+    generator = torch.Generator().manual_seed(1)
+    inputs["ref_per_token_logps"] = -torch.rand(inputs["completion_mask"].shape, generator=generator)
+    inputs["old_per_token_logps"] = -torch.rand(inputs["completion_mask"].shape, generator=generator)
+    rows_per_forward = []
+    hook = trainer.model.register_forward_hook(
+        lambda module, args, kwargs, output: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    results = {}
+    for shared in (True, False):
+        trainer.shared_prompt = learner.SharedPromptSetting(shared, shared)
+        rows_per_forward.clear()
+        input_ids, attention_mask, completion = trl_bridge.model_inputs(inputs)
+        with torch.no_grad():
+            logprobs, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, attention_mask, completion, batch_size=4, compute_entropy=True
+            )
+        results[shared] = (logprobs, entropies, parameter_grads(trainer, inputs), list(rows_per_forward))
+    hook.remove()
+    (shared_lp, shared_ent, shared_grads, shared_rows), (lp, ent, grads, rows) = results[True], results[False]
+    assert shared_rows[:2] == [1, 1] and rows[:2] == [4, 4]  # 4 completions of one prompt per chunk of 4 rows
+    mask = inputs["completion_mask"]
+    torch.testing.assert_close(shared_lp, lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared_ent * mask, ent * mask, rtol=1e-5, atol=1e-5)
+    assert shared_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_hold_whole_prompt_groups(tiny_trainer):
+    """With the shared prompt on, TRL's generation-batch shuffle permutes whole groups: each micro-batch of 4 rows
+    (TINY_SMOKE: 2 prompts x 4 completions, micro-batches of 4) holds one prompt's 4 completions."""
+    trainer = tiny_trainer()
+    trainer.args.per_device_train_batch_size, trainer.args.steps_per_generation = 4, 2
+    trainer.shared_prompt = learner.shared_prompt_setting(trainer.cfg, trainer.model, trainer.args)
+    assert trainer.shared_prompt.whole_groups
+    trainer.model.train()
+    torch.manual_seed(0)
+    for _ in range(3):
+        trainer._buffered_inputs = None
+        batch = trainer._prepare_inputs([trainer.train_dataset[i] for i in range(2) for _ in range(4)])
+        prompts = {tuple(row.tolist()) for row in batch["prompt_ids"]}
+        assert len(batch["prompt_ids"]) == 4 and len(prompts) == 1
