@@ -14,6 +14,7 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +23,8 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, trl_bridge
-from nanopost_trl.config import TrainConfig
+from nanopost_trl import base, learner, memory, trl_bridge
+from nanopost_trl.config import TrainConfig, check_sharding, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
 
@@ -39,13 +40,20 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self.reference = learner.ReferenceOffload(cfg.offload_reference)
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
         self.step_rewards: torch.Tensor | None = None  # (N, C) of the step being scored, from `_calculate_rewards`
+        self.step_texts: tuple[list, list] = ([], [])  # this process's prompts and completions, likewise
+        self.completions_log = learner.CompletionsLog(output_paths(cfg)["completions"], cfg.completions_per_step_logged)
+        # TRL's vLLM client lives on the global main process (RANK 0): it checks the server there
+        if cfg.use_vllm and cfg.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
+            learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
         super().__init__(*args, **kwargs)
         trl_bridge.check_trainer(self)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if cfg.sync_interval > 1 and zero3:
-            raise ValueError("sync_interval > 1 keeps a full actor copy of the weights: not supported with ZeRO-3")
-        if cfg.offload_reference and self.is_deepspeed_enabled:
-            raise ValueError("offload_reference: use DeepSpeed's own offload_param_device for the reference instead")
+        if memory.launch_uses_fsdp() and not self.is_fsdp_enabled:
+            raise ValueError(
+                "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
+                "plain DDP): launch CPU processes with --multi_gpu instead"
+            )
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else 0
+        check_sharding(cfg, zero_stage=zero_stage, fsdp=self.is_fsdp_enabled)
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
 
@@ -60,6 +68,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
     # --- rewards: keep the step's per-function rewards; log grader errors, time-outs and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self.step_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.step_texts = (prompts, completions)
         counts = [func.take_counts() for func in self.reward_funcs]
         log_metrics(
             self, {"reward_errors": sum(c[0] for c in counts), "reward_timeouts": sum(c[1] for c in counts)}, "sum"
@@ -104,6 +113,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
             output["completion_mask"] = output["completion_mask"] * keep[local].unsqueeze(1)
             loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
             output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        if self.model.training and self.accelerator.is_main_process:  # from the main process's own rows
+            self.completions_log.record(
+                self.state.global_step + 1,
+                [self.instances[x["instance_id"]].name for x in inputs],
+                *self.step_texts,
+                rewards[local],
+                advantages[local],
+            )
         prompt_tokens = self.accelerator.gather(output["prompt_mask"].sum(dim=1)).float()
         log_metrics(
             self,
