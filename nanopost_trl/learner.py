@@ -24,6 +24,7 @@ import torch
 
 from nanopost_trl import base, trl_bridge
 from nanopost_trl.run_log import append_row, truncate_after
+from nanopost_trl.utils import text_of
 
 # rows -> (log-probs, entropies, MoE router loss or None) of those rows
 LogprobForward = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -237,7 +238,7 @@ class CompletionsLog:
         rewards: torch.Tensor,
         advantages: torch.Tensor,
     ) -> None:
-        """Write the sampled rows of `step`; prompts and completions are texts or chat messages (kept as they are)."""
+        """Write the sampled rows of `step`; of chat prompts and completions, the last message's text."""
         if not self.per_step:
             return
         if not self.started:
@@ -250,8 +251,8 @@ class CompletionsLog:
                 {
                     "step": step,
                     "task": tasks[row],
-                    "prompt": prompts[row],
-                    "completion": completions[row],
+                    "prompt": text_of(prompts[row]),
+                    "completion": text_of(completions[row]),
                     "reward": rewards[row].item(),
                     "advantage": advantages[row].item(),
                 },
