@@ -101,8 +101,8 @@ def load(paths: PathLike | Sequence[PathLike]) -> pd.DataFrame:
     """Every run under `paths` (directories, .jsonl files, or a list of either) as one DataFrame.
 
     A row per (run_name, step), sorted; config fields, `loss_name`, `loss_class`, `loss_args.<field>`, `tasks`
-    (comma-joined) and the runtime (`num_processes`, `device`, `dtype`, `mixed_precision`, `deepspeed_stage`, `lora`)
-    are added as columns. Metric columns win over a config field of the same name.
+    (comma-joined) and the runtime (`num_processes`, `device`, `dtype`, `mixed_precision`, `deepspeed_stage`,
+    `fsdp_version`, `lora`) are added as columns. Metric columns win over a config field of the same name.
     """
     frames = []
     for path in _jsonl_files(paths):
