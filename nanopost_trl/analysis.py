@@ -43,9 +43,7 @@ def _jsonl_files(paths: PathLike | Sequence[PathLike], completions: bool = False
                 path for path in sorted(item.glob("*.jsonl")) if path.name.endswith(COMPLETIONS_SUFFIX) == completions
             ]
             if not found:
-                raise FileNotFoundError(
-                    f"no {'*' + COMPLETIONS_SUFFIX if completions else 'run log *.jsonl'} in {item}"
-                )
+                raise FileNotFoundError(f"no *{COMPLETIONS_SUFFIX if completions else '.jsonl'} files in {item}")
             files.extend(found)
         elif item.is_file():
             if item.suffix != ".jsonl":

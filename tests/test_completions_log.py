@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 
 from nanopost_trl import analysis
@@ -76,4 +77,6 @@ def test_zero_completions_per_step_writes_no_file_and_trls_table_is_passed_throu
     assert args.log_completions and args.num_completions_to_print == 2
     Trainer(cfg).run(tasks="addition")
     assert not output_paths(cfg)["completions"].exists()
+    with pytest.raises(FileNotFoundError, match=r"no \*-completions\.jsonl files in"):
+        analysis.load_completions(tmp_path)
     assert "Step 1" in capsys.readouterr().out  # TRL's printed sample of (prompt, completion, reward)
