@@ -4,7 +4,8 @@ Each override (the hooks listed in `trl_bridge.HOOKS`) is a short delegation to 
 everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top to bottom, a step is:
 1. `_generate_and_score_completions`: TRL samples (with the actor's weights under `sync_interval > 1`, the reference
    on the device) and scores; `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole
-   groups, the groups it keeps, and the truncation flags join TRL's output.
+   groups, the groups it keeps, and the truncation flags join TRL's output; a few of the main process's rows go to
+   the completions log (`learner.CompletionsLog`).
 2. `_compute_loss`, per micro-batch: the policy's log-probs and entropies (`_get_per_token_logps_and_entropies`:
    TRL's fused LM head in `cfg`'s tiles, or the full logits), a `LearnerBatch`, the `LossFn`, checked, scaled for
    gradient accumulation as TRL does.
@@ -13,6 +14,7 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -22,8 +24,8 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, trl_bridge
-from nanopost_trl.config import TrainConfig
+from nanopost_trl import base, learner, memory, trl_bridge
+from nanopost_trl.config import TrainConfig, check_sharding, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
 
@@ -39,13 +41,20 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self.reference = learner.ReferenceOffload(cfg.offload_reference)
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
         self.step_rewards: torch.Tensor | None = None  # (N, C) of the step being scored, from `_calculate_rewards`
+        self.step_texts: tuple[list, list] = ([], [])  # this process's prompts and completions, likewise
+        self.completions_log = learner.CompletionsLog(output_paths(cfg)["completions"], cfg.completions_per_step_logged)
+        # TRL's vLLM client lives on the global main process (RANK 0): it checks the server there
+        if cfg.use_vllm and cfg.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
+            learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
         super().__init__(*args, **kwargs)
         trl_bridge.check_trainer(self)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if cfg.sync_interval > 1 and zero3:
-            raise ValueError("sync_interval > 1 keeps a full actor copy of the weights: not supported with ZeRO-3")
-        if cfg.offload_reference and self.is_deepspeed_enabled:
-            raise ValueError("offload_reference: use DeepSpeed's own offload_param_device for the reference instead")
+        if memory.launch_uses_fsdp() and not self.is_fsdp_enabled:
+            raise ValueError(
+                "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
+                "plain DDP): launch CPU processes with --multi_gpu instead"
+            )
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else 0
+        check_sharding(cfg, zero_stage=zero_stage, fsdp=self.is_fsdp_enabled)
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
@@ -61,6 +70,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
     # --- rewards: keep the step's per-function rewards; log grader errors, time-outs and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self.step_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.step_texts = (prompts, completions)
         counts = [func.take_counts() for func in self.reward_funcs]
         log_metrics(
             self, {"reward_errors": sum(c[0] for c in counts), "reward_timeouts": sum(c[1] for c in counts)}, "sum"
@@ -122,6 +132,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
         )
         rank, size = self.accelerator.process_index, len(inputs)
         local = slice(rank * size, (rank + 1) * size)
+        if self.model.training and self.accelerator.is_main_process:  # from the main process's own rows
+            self.completions_log.record(
+                self.state.global_step + 1,
+                [self.instances[x["instance_id"]].name for x in inputs],
+                *self.step_texts,
+                rewards[local],
+                advantages[local],
+            )
         completion_ids, _ = trl_bridge.completions(output)
         return output | {
             "advantages": advantages[local],

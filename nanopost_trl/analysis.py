@@ -2,6 +2,7 @@
 
     from nanopost_trl import analysis
     df = analysis.load("out")                      # a row per (run, step), config flattened into columns
+    completions = analysis.load_completions("out") # a row per sampled completion (step, task, prompt, ...)
     analysis.plot(df, y="reward_mean", hue="loss_name")
     analysis.plot_curves(df, "curves.png")
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from nanopost_trl.config import COMPLETIONS_SUFFIX
 from nanopost_trl.utils import read_rows
 
 if TYPE_CHECKING:
@@ -30,15 +32,18 @@ PathLike = str | Path
 EVAL_ACCURACY = re.compile(r"eval_.+_accuracy")
 
 
-def _jsonl_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    """Expand directories (every *.jsonl in them) and files into a deduplicated list of .jsonl paths."""
+def _jsonl_files(paths: PathLike | Sequence[PathLike], completions: bool = False) -> list[Path]:
+    """Expand directories (every run log in them, or with `completions` every *-completions.jsonl) and files into a
+    deduplicated list of .jsonl paths."""
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     files: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(item.glob("*.jsonl"))
+            found = [
+                path for path in sorted(item.glob("*.jsonl")) if path.name.endswith(COMPLETIONS_SUFFIX) == completions
+            ]
             if not found:
-                raise FileNotFoundError(f"no *.jsonl files in {item}")
+                raise FileNotFoundError(f"no *{COMPLETIONS_SUFFIX if completions else '.jsonl'} files in {item}")
             files.extend(found)
         elif item.is_file():
             if item.suffix != ".jsonl":
@@ -94,8 +99,8 @@ def load(paths: PathLike | Sequence[PathLike]) -> pd.DataFrame:
     """Every run under `paths` (directories, .jsonl files, or a list of either) as one DataFrame.
 
     A row per (run_name, step), sorted; config fields, `loss_name`, `loss_class`, `loss_args.<field>`, `tasks`
-    (comma-joined) and the runtime (`num_processes`, `device`, `dtype`, `mixed_precision`, `deepspeed_stage`, `lora`)
-    are added as columns. Metric columns win over a config field of the same name.
+    (comma-joined) and the runtime (`num_processes`, `device`, `dtype`, `mixed_precision`, `deepspeed_stage`,
+    `fsdp_version`, `lora`) are added as columns. Metric columns win over a config field of the same name.
     """
     frames = []
     for path in _jsonl_files(paths):
@@ -109,6 +114,24 @@ def load(paths: PathLike | Sequence[PathLike]) -> pd.DataFrame:
         frames.append(run)
     if not frames:
         return pd.DataFrame(columns=["run_name", "step"])
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["run_name", "step"], kind="stable").reset_index(drop=True)
+
+
+def load_completions(paths: PathLike | Sequence[PathLike]) -> pd.DataFrame:
+    """Every sampled completion under `paths` (directories, or `{run_name}-completions.jsonl` files): a row per
+    completion with `run_name`, `step`, `task`, `prompt`, `completion`, `reward`, `advantage`, sorted by run and step.
+
+    E.g. what a run learned to write: `df[df.step == df.step.max()][["prompt", "completion", "reward"]]`.
+    """
+    frames = []
+    for path in _jsonl_files(paths, completions=True):
+        run = pd.DataFrame(read_rows(path))
+        run.insert(0, "run_name", path.name.removesuffix(COMPLETIONS_SUFFIX))
+        frames.append(run)
+    columns = ["run_name", "step", "task", "prompt", "completion", "reward", "advantage"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["run_name", "step"], kind="stable").reset_index(drop=True)
 

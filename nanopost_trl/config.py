@@ -18,6 +18,8 @@ from nanopost_trl.utils import make_dataclass
 # Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
 # fallback (CPU) the backward holds ~8 tile-sized fp32 temporaries, so a narrower tile (benchmarks/logprob_memory.py)
 TRL_VOCAB_CHUNK, CPU_VOCAB_CHUNK = 32768, 4096
+VLLM_MODES = ("colocate", "server")
+COMPLETIONS_SUFFIX = "-completions.jsonl"  # out/{run_name}-completions.jsonl, next to the run log
 
 
 @dataclasses.dataclass
@@ -106,6 +108,20 @@ class TrainConfig:
             "more generation batches per step so the step still trains on prompts_per_step kept groups."
         },
     )
+    completions_per_step_logged: int = field(
+        default=4,
+        metadata={
+            "help": "Completions per step written to out/{run_name}-completions.jsonl (step, task, prompt, "
+            "completion, reward, advantage), spread over the step's groups; 0: no file."
+        },
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "TRL's log_completions: print a table of (prompt, completion, reward) and send it to W&B."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "log_completions: rows of TRL's table (None: the whole step)."}
+    )
     skip_nonfinite: bool = field(
         default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
     )
@@ -148,7 +164,28 @@ class TrainConfig:
             f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds ~8 tile-sized temporaries."
         },
     )
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (colocate mode; GPU only)."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "'colocate': a vLLM engine inside each training process, sharing its GPU; 'server': one "
+            "`trl vllm-serve` on GPUs of its own, at vllm_server_host:vllm_server_port (or vllm_server_base_url)."
+        },
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's HTTP port."})
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "vllm_mode='server': the server's URL (e.g. http://10.0.0.2:8000), instead of host/port."},
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "vllm_mode='server': the port of the weight-update group (trainer -> server NCCL)."},
+    )
+    vllm_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "vllm_mode='server': seconds TRL waits for the server's health check once its port answers."},
+    )
     # --- LoRA (peft); lora_r = 0 trains all weights
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -176,6 +213,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.refill_rounds must be >= 0, got {self.refill_rounds}")
         if self.eval_pass_k == 1 or self.eval_pass_k < 0:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"TrainConfig.vllm_mode must be one of {', '.join(VLLM_MODES)}, got {self.vllm_mode!r}")
+        if self.completions_per_step_logged < 0:
+            raise ValueError(
+                f"TrainConfig.completions_per_step_logged must be >= 0 (0: off), got {self.completions_per_step_logged}"
+            )
 
     @property
     def completions_per_step(self) -> int:
@@ -301,10 +344,11 @@ PRESET_TASKS = {"SMOLLM_CPU": "arithmetic"}
 
 
 def output_paths(cfg: TrainConfig) -> dict[str, Path]:
-    """Where a run writes: the per-step log, the config record, and the checkpoint directory."""
+    """Where a run writes: the per-step log, the sampled completions, the config record, the checkpoint directory."""
     out = Path(cfg.out_dir)
     return {
         "log": out / f"{cfg.run_name}.jsonl",
+        "completions": out / f"{cfg.run_name}{COMPLETIONS_SUFFIX}",
         "config": out / f"{cfg.run_name}-config.json",
         "checkpoints": out / cfg.run_name,
     }
@@ -369,13 +413,35 @@ def to_grpo_config(
         bf16=cfg.bf16,
         activation_checkpointing=cfg.gradient_checkpointing,
         use_vllm=cfg.use_vllm,
-        vllm_mode="colocate",
+        vllm_mode=cfg.vllm_mode,
+        vllm_server_host=cfg.vllm_server_host,
+        vllm_server_port=cfg.vllm_server_port,
+        vllm_server_base_url=cfg.vllm_server_base_url,
+        vllm_group_port=cfg.vllm_group_port,
+        vllm_server_timeout=cfg.vllm_server_timeout,
         push_to_hub=False,  # `Trainer.run` pushes the final model/adapter with its card (nanopost_trl.hub), once
         hub_model_id=cfg.hub_model_id,
-        log_completions=False,
+        log_completions=cfg.log_completions,
+        num_completions_to_print=cfg.num_completions_to_print,
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun/`accelerate launch --multi_gpu` use gloo on CPU
         dataloader_pin_memory=torch.cuda.is_available(),
         # every trainable weight is in each step's graph (a gated loss's skipped rows still run the forward, and a
         # process that keeps no row runs one with zero weight): no extra autograd traversal per step under DDP
         ddp_find_unused_parameters=False,
     )
+
+
+def check_sharding(cfg: TrainConfig, *, zero_stage: int = 0, fsdp: bool = False) -> None:
+    """Refuse the features that need what a sharded launch (DeepSpeed ZeRO `zero_stage`, or FSDP) does not give a
+    process: a full actor copy of the weights (`sync_interval > 1`; ZeRO-3, FSDP), or a reference model it may
+    move to the CPU (`offload_reference`; DeepSpeed and FSDP place it themselves)."""
+    sharded = "FSDP" if fsdp else "ZeRO-3" if zero_stage == 3 else None
+    if cfg.sync_interval > 1 and sharded:
+        raise ValueError(f"sync_interval > 1 keeps a full actor copy of the weights: not supported with {sharded}")
+    if cfg.offload_reference and zero_stage:
+        raise ValueError("offload_reference: use DeepSpeed's own offload_param_device for the reference instead")
+    if cfg.offload_reference and fsdp:
+        raise ValueError(
+            "offload_reference: not supported with FSDP, which shards the reference over the processes "
+            "(fsdp_offload_params: true offloads every shard to CPU)"
+        )

@@ -6,6 +6,8 @@
 - `materialized_logprobs`: the reference log-prob path through the model's full logits (`chunked_logprobs=False`);
   `shared_prompt_pass`: each prompt through the model once (`shared_prompt=True`).
 - `group_advantages`, `truncated`, `sampler_corrected`: the tensors the adapter adds to TRL's.
+- `CompletionsLog`: a few of each step's completions, with their rewards and advantages, in a JSONL file.
+- `check_vllm_server`: vLLM's server answers at its address, before TRL's long health-check loop.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
+import socket
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
 from nanopost_trl import base, trl_bridge
+from nanopost_trl.run_log import append_row, truncate_after
 from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
+from nanopost_trl.utils import text_of
 
 # rows -> (log-probs, entropies, MoE router loss or None) of those rows
 LogprobForward = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -300,3 +309,62 @@ def shared_prompt_setting(cfg, model: torch.nn.Module, args) -> SharedPromptSett
     per_process = args.per_device_train_batch_size * args.steps_per_generation
     group = args.num_generations
     return SharedPromptSetting(True, args.per_device_train_batch_size % group == 0 and per_process % group == 0)
+
+
+class CompletionsLog:
+    """`path` (out/{run_name}-completions.jsonl): `per_step` of each step's completions, evenly spaced over its rows
+    so that they span its groups, one JSON line each: step, task, prompt, completion, reward, advantage. Append-only;
+    its first step's `record` drops the rows of that step and later ones (a resumed run logs them again; a fresh run
+    of the same name starts at step 1, so the old file empties)."""
+
+    def __init__(self, path: Path, per_step: int) -> None:
+        self.path, self.per_step = Path(path), per_step
+        self.started = False
+
+    def record(
+        self,
+        step: int,
+        tasks: Sequence[str],
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> None:
+        """Write the sampled rows of `step`; of chat prompts and completions, the last message's text."""
+        if not self.per_step:
+            return
+        if not self.started:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_after(self.path, step - 1)
+            self.started = True
+        for row in range(0, len(completions), math.ceil(len(completions) / self.per_step)):
+            append_row(
+                self.path,
+                {
+                    "step": step,
+                    "task": tasks[row],
+                    "prompt": text_of(prompts[row]),
+                    "completion": text_of(completions[row]),
+                    "reward": rewards[row].item(),
+                    "advantage": advantages[row].item(),
+                },
+            )
+
+
+VLLM_CONNECT_TIMEOUT_S = 5.0  # a server that is up accepts at once; TRL's own loop then waits for its health check
+
+
+def check_vllm_server(host: str, port: int, base_url: str | None = None) -> None:
+    """Raise a one-line ConnectionError unless a TCP connection to the vLLM server opens within
+    `VLLM_CONNECT_TIMEOUT_S` (TRL's client retries for `vllm_server_timeout`, and its health check has no connect
+    timeout of its own: an unroutable host would hang there for minutes)."""
+    if base_url is not None:
+        url = urlparse(base_url if "://" in base_url else f"http://{base_url}")
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=VLLM_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"vllm_mode='server': no vLLM server at {host}:{port} ({error.strerror or error}); start it first "
+            f"(`trl vllm-serve --model ... --port {port}`) or set vllm_server_host / vllm_server_port"
+        ) from None

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig
+from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig, check_sharding
 from nanopost_trl.models import check_model, resolve_model_path
 
 GIB = 2**30
@@ -129,6 +129,7 @@ class ModelShape:
     vocab_size: int
     num_params: int
     linear_shapes: tuple[tuple[str, int, int], ...]  # (module name, in, out) of every nn.Linear, for LoRA counts
+    layer_params: int  # of the largest decoder layer (the unit FSDP's transformer-based wrap shards and gathers)
 
     def lora_params(self, rank: int, target_modules: str) -> int:
         """Parameters of a LoRA adapter of `rank` on `target_modules` ("all-linear": every Linear but the LM head)."""
@@ -186,6 +187,14 @@ def model_shape(model: str) -> ModelShape:
             (name, module.in_features, module.out_features)
             for name, module in meta_model.named_modules()
             if isinstance(module, torch.nn.Linear)
+        ),
+        layer_params=max(
+            (
+                sum(p.numel() for p in module.parameters())
+                for module in meta_model.modules()
+                if type(module).__name__ in (meta_model._no_split_modules or ())
+            ),
+            default=0,
         ),
     )
 
@@ -300,6 +309,7 @@ def estimate(
     *,
     num_processes: int = 1,
     zero_stage: int = 0,
+    fsdp: bool = False,
     device_gb: float | None = None,
     uses_reference: bool | None = None,
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
@@ -309,6 +319,15 @@ def estimate(
 ) -> MemoryEstimate:
     """Predicted peak memory of one of `num_processes` processes training `cfg`.
 
+    `fsdp`: FSDP2 (accelerate_configs/fsdp2.yaml): weights, gradients and AdamW states sharded over the processes,
+    as under ZeRO-3, but in the weights' own dtype (the fp32 shards are the master weights; bf16 is the dtype
+    decoder layers are gathered in), and the reference sharded the same way. Generation does not gather the model:
+    TRL's `summon_full_params` is a no-op for FSDP2 (trl/distributed.py), so `generate` runs through FSDP's hooks,
+    which gather each layer for its forward and free it after. A process holds, besides its shards, the root unit
+    (embeddings, LM head, final norm: never freed between forwards) and two layers (the one running, the next
+    prefetched) in compute dtype, in both phases ("FSDP gathered units"). vLLM's weight sync gathers one tensor at a
+    time (`full_tensor()` in trl/generation/vllm_generation.py).
+
     `uses_reference`: whether the loss reads reference log-probs (default: `cfg.kl_coef > 0`, the built-in losses'
     rule). `prompt_tokens`: the longest prompt in tokens. `on_gpu` (default: whether CUDA is visible) decides
     whether TRL's fused log-prob pass runs its Triton kernel (GPU) or its torch fallback (CPU), on the completion
@@ -316,6 +335,9 @@ def estimate(
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"unknown DeepSpeed ZeRO stage {zero_stage!r}; valid: 0 (none), 2, 3")
+    if fsdp and zero_stage:
+        raise ValueError(f"fsdp and DeepSpeed ZeRO-{zero_stage} are two launches: choose one")
+    check_sharding(cfg, zero_stage=zero_stage, fsdp=fsdp)
     if device_gb is not None and device_gb <= 0:
         raise ValueError(f"device_gb must be > 0 GiB, got {device_gb}")
     if num_processes < 1 or cfg.completions_per_step % num_processes:
@@ -335,19 +357,23 @@ def estimate(
     # bf16 mixed precision keeps fp32 weights (the master copy) unless bf16_weights; DeepSpeed's bf16 casts the module
     # to bf16 and keeps its own fp32 master shards ("fp32 master weights")
     weight_bytes = 2 if cfg.bf16_weights or (deepspeed and cfg.bf16) else 4
-    shard = num_processes if deepspeed else 1
+    shard = num_processes if deepspeed or fsdp else 1
     lora = shape.lora_params(cfg.lora_r, cfg.lora_target_modules) if cfg.lora_r else 0
     trainable = lora or shape.num_params
     trainable_bytes = 4 if lora or deepspeed else weight_bytes  # LoRA adapters are fp32 (peft); so are DeepSpeed's
-    weight_shard = shard if zero_stage == 3 else 1
+    weight_shard = shard if zero_stage == 3 or fsdp else 1
 
     parts = {
         "policy weights": shape.num_params * weight_bytes // weight_shard + lora * 4,
-        "gradients": trainable * (4 if lora else weight_bytes) // (shard if zero_stage >= 2 else 1),
+        "gradients": trainable * (4 if lora else weight_bytes) // (shard if zero_stage >= 2 or fsdp else 1),
         "AdamW states": 2 * trainable * trainable_bytes // shard,
         "fp32 master weights": trainable * 4 // shard if deepspeed and cfg.bf16 and not lora else 0,
         "reference model": shape.num_params * weight_bytes // weight_shard if uses_reference and not lora else 0,
         "actor copy": trainable * (4 if lora else weight_bytes) if cfg.sync_interval > 1 else 0,
+        # the root unit (all but the layers) and two layers; with no layer found, the whole model
+        "FSDP gathered units": (shape.num_params - max(shape.num_layers - 2, 0) * shape.layer_params) * nbytes
+        if fsdp
+        else 0,
     }
     per_process = cfg.completions_per_step // num_processes
     micro = min(cfg.micro_batch_size, per_process)
@@ -368,7 +394,8 @@ def estimate(
     head_trained = not lora or "lm_head" in cfg.lora_target_modules  # peft's "all-linear" leaves the head out
     parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk, head_trained)
 
-    resident = parts["policy weights"] + parts["AdamW states"] + parts["fp32 master weights"] + parts["actor copy"]
+    resident_parts = ("policy weights", "AdamW states", "fp32 master weights", "actor copy", "FSDP gathered units")
+    resident = sum(parts[name] for name in resident_parts)
     generation = resident + parts["reference model"] + kv + parts["generation transient"]
     if zero_stage == 3:  # TRL gathers the full weights for generation
         generation += shape.num_params * weight_bytes - shape.num_params * weight_bytes // weight_shard
@@ -383,8 +410,9 @@ def estimate(
         )
     )
     device_bytes = None if device_gb is None else int(device_gb * GIB)
+    sharding = "FSDP2" if fsdp else f"ZeRO {zero_stage or 'off'}"
     setting = (
-        f"{cfg.model}, {num_processes} process(es), ZeRO {zero_stage or 'off'}, {'bf16' if cfg.bf16 else 'fp32'}, "
+        f"{cfg.model}, {num_processes} process(es), {sharding}, {'bf16' if cfg.bf16 else 'fp32'}, "
         f"{per_process} completions/process, micro-batch {micro}, {prompt_tokens} prompt + {cfg.max_new_tokens} "
         f"new tokens, log-probs "
         + (f"in {vocab_chunk}-wide vocabulary tiles" if cfg.chunked_logprobs else "from full logits")
@@ -394,19 +422,22 @@ def estimate(
         kwargs = dict(
             num_processes=num_processes,
             zero_stage=zero_stage,
+            fsdp=fsdp,
             uses_reference=uses_reference,
             prompt_tokens=prompt_tokens,
             shape=shape,
             on_gpu=on_gpu,
             advise=False,
         )
-        options = _knobs(cfg, num_processes, zero_stage, uses_reference)
+        options = _knobs(cfg, num_processes, zero_stage, fsdp, uses_reference)
         afters = [(change, estimate(alt_cfg, **{**kwargs, **extra}).peak) for change, alt_cfg, extra in options]
         result.advice = sorted((a for a in afters if a[1] < result.peak), key=lambda a: a[1])
     return result
 
 
-def _knobs(cfg: TrainConfig, num_processes: int, zero_stage: int, uses_reference: bool) -> list[tuple[str, Any, dict]]:
+def _knobs(
+    cfg: TrainConfig, num_processes: int, zero_stage: int, fsdp: bool, uses_reference: bool
+) -> list[tuple[str, Any, dict]]:
     """The single changes that may lower the peak: (description, changed config, changed estimate arguments)."""
     replace = dataclasses.replace
     knobs = []
@@ -419,12 +450,17 @@ def _knobs(cfg: TrainConfig, num_processes: int, zero_stage: int, uses_reference
         knobs.append(("chunked_logprobs=True", replace(cfg, chunked_logprobs=True), {}))
     if not cfg.lora_r:
         knobs.append(("lora_r=16 (LoRA)", replace(cfg, lora_r=16), {}))
-    if uses_reference and not cfg.lora_r and not cfg.offload_reference and not zero_stage:
+    if uses_reference and not cfg.lora_r and not cfg.offload_reference and not zero_stage and not fsdp:
         knobs.append(("offload_reference=True", replace(cfg, offload_reference=True), {}))
-    if num_processes > 1 and zero_stage < 3:
+    if num_processes > 1 and zero_stage < 3 and not fsdp:
         stage = 2 if zero_stage == 0 else 3
         knobs.append((f"DeepSpeed ZeRO-{stage}", cfg, {"zero_stage": stage}))
     return knobs
+
+
+def launch_uses_fsdp() -> bool:
+    """Whether this launch is an FSDP one (accelerate's environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def launch_setting() -> tuple[int, int]:
@@ -453,7 +489,12 @@ def warn_if_over_device(cfg: TrainConfig, uses_reference: bool) -> None:
     processes, stage = launch_setting()
     try:
         result = estimate(
-            cfg, num_processes=processes, zero_stage=stage, device_gb=device_gb, uses_reference=uses_reference
+            cfg,
+            num_processes=processes,
+            zero_stage=stage,
+            fsdp=launch_uses_fsdp(),
+            device_gb=device_gb,
+            uses_reference=uses_reference,
         )
     except ValueError:
         return

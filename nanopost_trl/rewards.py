@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from nanopost_trl.base import RewardFn, TaskInstance
+from nanopost_trl.utils import text_of
 
 DEFAULT_TIMEOUT_S = 5.0
 ALARM_REPEAT_S = 0.05
@@ -224,7 +225,7 @@ class RewardAdapter:
         self.timeouts = 0
 
     def __call__(self, prompts: list, completions: list, instance_id: list[int], **kwargs: Any) -> list[float]:
-        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        texts = [text_of(c) for c in completions]
         batch = [self.instances[i] for i in instance_id]
         with counting_graders() as counts:
             try:

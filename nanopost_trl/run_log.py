@@ -35,7 +35,8 @@ DROPPED_KEYS = {"epoch", "num_tokens"}
 
 
 def runtime_info(trainer: GRPOTrainer) -> dict[str, Any]:
-    """What the run actually runs on: processes, device, parameter dtype, mixed precision, DeepSpeed stage, LoRA."""
+    """What the run actually runs on: processes, device, parameter dtype, mixed precision, DeepSpeed stage, FSDP
+    version, LoRA."""
     accelerator = trainer.accelerator
     device = accelerator.device
     model = accelerator.unwrap_model(trainer.model)
@@ -45,6 +46,7 @@ def runtime_info(trainer: GRPOTrainer) -> dict[str, Any]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "mixed_precision": accelerator.mixed_precision,
         "deepspeed_stage": accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
         "lora": hasattr(model, "peft_config"),
     }
 

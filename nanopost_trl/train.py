@@ -52,6 +52,7 @@ class RunArgs:
         default=None, metadata={"help": "--estimate: processes (default: this launch's, else the preset's target)."}
     )
     zero_stage: int | None = field(default=None, metadata={"help": "--estimate: DeepSpeed ZeRO stage: 0 (none), 2, 3."})
+    fsdp: bool = field(default=False, metadata={"help": "--estimate: FSDP2 (default: whether this launch is FSDP)."})
     prompt_tokens: int = field(default=256, metadata={"help": "--estimate: the longest prompt in tokens."})
 
 
@@ -135,12 +136,15 @@ def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -
         Preset.from_name(run_args.preset).name, (None, None, 0)
     )
     launch_processes, launch_stage = memory.launch_setting()
+    fsdp = run_args.fsdp or memory.launch_uses_fsdp()
+    default_stage = 0 if fsdp else launch_stage or target_stage
     processes = run_args.num_processes or (launch_processes if launch_processes > 1 else target_processes or 1)
     device_gb = run_args.device_gb or memory.visible_device_gb() or target_gb
     result = memory.estimate(
         cfg,
         num_processes=processes,
-        zero_stage=run_args.zero_stage if run_args.zero_stage is not None else launch_stage or target_stage,
+        zero_stage=run_args.zero_stage if run_args.zero_stage is not None else default_stage,
+        fsdp=fsdp,
         device_gb=device_gb,
         uses_reference=uses_reference,
         prompt_tokens=run_args.prompt_tokens,

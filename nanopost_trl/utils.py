@@ -39,3 +39,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 continue
             rows.append(row)
     return rows
+
+
+def text_of(value: str | list[dict[str, Any]]) -> str:
+    """The text of a prompt or completion: itself, or a chat's last message's content (TRL's conversational form)."""
+    return value if isinstance(value, str) else value[-1]["content"]

@@ -52,9 +52,9 @@ def random_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def tiny_trainer(tmp_path):
-    """`tiny_trainer(trainer_class=NanopostGRPOTrainer, loss_fn=GRPOLoss(kl_coef=0.0), **grpo_options)`: a TINY_SMOKE
-    trainer on the embedded model (2 prompts x 4 completions a step, rewarded by completion length), with GRPOConfig
-    options overridden."""
+    """`tiny_trainer(trainer_class=NanopostGRPOTrainer, loss_fn=GRPOLoss(kl_coef=0.0), cfg_overrides=None,
+    **grpo_options)`: a TINY_SMOKE trainer on the embedded model (2 prompts x 4 completions a step, rewarded by
+    completion length), with TrainConfig fields and GRPOConfig options overridden."""
     from nanopost_trl.adapter import NanopostGRPOTrainer
     from nanopost_trl.config import Preset, to_grpo_config
     from nanopost_trl.losses import GRPOLoss
@@ -65,8 +65,10 @@ def tiny_trainer(tmp_path):
     def completion_length_reward(completions: list[str], instances: list) -> list[float]:
         return [float(len(completion)) for completion in completions]
 
-    def make(trainer_class: type = NanopostGRPOTrainer, loss_fn=None, **grpo_options) -> NanopostGRPOTrainer:
-        cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="tiny", num_steps=1)
+    def make(
+        trainer_class: type = NanopostGRPOTrainer, loss_fn=None, cfg_overrides: dict | None = None, **grpo_options
+    ) -> NanopostGRPOTrainer:
+        cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="tiny", num_steps=1, **(cfg_overrides or {}))
         args = to_grpo_config(cfg, num_processes=1, uses_reference=False)
         for name, value in grpo_options.items():
             setattr(args, name, value)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from nanopost_trl import analysis
-from nanopost_trl.config import PRESET_HARDWARE, Preset, TrainConfig
+from nanopost_trl.config import COMPLETIONS_SUFFIX, PRESET_HARDWARE, Preset, TrainConfig
 from nanopost_trl.losses import Loss
 from nanopost_trl.train import parse, parse_loss_args, task_list
 
@@ -112,7 +112,7 @@ def test_default_run_is_named_after_its_tasks_prints_progress_not_the_loss_and_r
     """`nanopost-trl` as a new user runs it (TINY_SMOKE for time): run name, per-step line, warnings, config."""
     result = run_cli("--preset", "TINY_SMOKE", "--out_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    (log,) = tmp_path.glob("*.jsonl")
+    (log,) = [path for path in tmp_path.glob("*.jsonl") if not path.name.endswith(COMPLETIONS_SUFFIX)]
     assert log.name.startswith("grpo-addition-s0-")
     step_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 2
@@ -125,7 +125,7 @@ def test_default_run_is_named_after_its_tasks_prints_progress_not_the_loss_and_r
 
     runtime = json.loads(log.with_name(f"{log.stem}-config.json").read_text())["runtime"]
     expected = {"num_processes": 1, "device": "cpu", "dtype": "float32", "mixed_precision": "no", "lora": False}
-    assert runtime == {**expected, "deepspeed_stage": None}
+    assert runtime == {**expected, "deepspeed_stage": None, "fsdp_version": None}
     frame = analysis.load(tmp_path)
     assert (frame[list(expected)] == pd.Series(expected)).all().all() and frame["deepspeed_stage"].isna().all()
 
