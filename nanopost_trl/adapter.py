@@ -42,7 +42,9 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
         self.step_rewards: torch.Tensor | None = None  # (N, C) of the step being scored, from `_calculate_rewards`
         self.step_texts: tuple[list, list] = ([], [])  # this process's prompts and completions, likewise
-        self.completions_log = learner.CompletionsLog(output_paths(cfg)["completions"], cfg.completions_per_step_logged)
+        self.completions_log = learner.CompletionsLog(
+            output_paths(cfg)["completions"] if cfg.run_name else None, cfg.completions_per_step_logged
+        )
         # TRL's vLLM client lives on the global main process (RANK 0): it checks the server there
         if cfg.use_vllm and cfg.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
             learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)

@@ -317,8 +317,9 @@ class CompletionsLog:
     its first step's `record` drops the rows of that step and later ones (a resumed run logs them again; a fresh run
     of the same name starts at step 1, so the old file empties)."""
 
-    def __init__(self, path: Path, per_step: int) -> None:
-        self.path, self.per_step = Path(path), per_step
+    def __init__(self, path: Path | None, per_step: int) -> None:
+        """`path` None (a trainer built outside `Trainer.run`, with no run name): nothing is written."""
+        self.path, self.per_step = path, per_step if path is not None else 0
         self.started = False
 
     def record(
