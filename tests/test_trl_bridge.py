@@ -164,3 +164,11 @@ def test_check_stops_a_real_trl_1_15_naming_the_supported_range(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "UnsupportedTRL: trl.trainer.utils has no _use_triton" in result.stderr
     assert "nanopost_trl supports trl>=1.16,<1.17 (installed: 1.15.0)" in result.stderr
+
+
+def test_liger_passes_through_with_the_fused_linear_cross_entropy_kept_off(tiny_trainer):
+    """TRL 1.16 applies only Liger's layer kernels (Triton: GPU only) and keeps its fused linear cross-entropy, which
+    replaced the model's forward and so bypassed the loss, off; the adapter's loss path is TRL's `_compute_loss` hook
+    either way (and `BackpropCheck` verifies it on the first step), so the option is no longer refused."""
+    trainer = tiny_trainer(use_liger_kernel=True)
+    assert trainer.args.use_liger_kernel and trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}

@@ -1,8 +1,12 @@
-"""Built-in losses, one file each, and the `Loss` registry: `Loss.DG.make(eta=0.5)`."""
+"""Built-in losses, one file each, and the `Loss` registry: `Loss.DG.make(eta=0.5)`; `loss_class("my_loss.py:MyLoss")`
+loads a user's one-file loss as the command line's `--loss` does."""
 
 from __future__ import annotations
 
 import enum
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 from nanopost_trl import base
@@ -45,7 +49,37 @@ class Loss(enum.Enum):
         try:
             return cls[name.upper()]
         except KeyError:
-            raise ValueError(f"unknown loss {name!r}; valid: {', '.join(m.name.lower() for m in cls)}") from None
+            raise ValueError(
+                f"unknown loss {name!r}; valid: {', '.join(m.name.lower() for m in cls)}, or a file of your own as "
+                "path/to/my_loss.py:ClassName"
+            ) from None
+
+
+def loss_class(spec: str) -> type[base.LossFn]:
+    """The LossFn class `spec` names: a built-in ("dapo", case-insensitive) or `path/to/file.py:ClassName`, a
+    class defined in a Python file (imported as a module of its own). Fails in one line naming what is wrong."""
+    path, colon, class_name = spec.rpartition(":")
+    if not colon or not path.endswith(".py"):
+        return Loss.from_name(spec).value
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--loss {spec}: no file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"nanopost_user_loss_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up while the file runs
+    module_spec.loader.exec_module(module)
+    found = getattr(module, class_name, None)
+    if not (isinstance(found, type) and issubclass(found, base.LossFn)):
+        defined = sorted(
+            name
+            for name, value in vars(module).items()
+            if isinstance(value, type) and issubclass(value, base.LossFn) and value.__module__ == module.__name__
+        )
+        what = "not defined" if found is None else f"a {type(found).__name__}, not a nanopost_trl.base.LossFn subclass"
+        raise ValueError(
+            f"--loss {spec}: {class_name} is {what} in {file} (its LossFn classes: {', '.join(defined) or 'none'})"
+        )
+    return found
 
 
 __all__ = [
@@ -62,4 +96,5 @@ __all__ = [
     "SAPOLoss",
     "SurrogateLoss",
     "VESPOLoss",
+    "loss_class",
 ]
