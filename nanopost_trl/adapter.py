@@ -24,8 +24,8 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, memory, trl_bridge
-from nanopost_trl.config import TrainConfig, check_sharding, output_paths
+from nanopost_trl import base, learner, trl_bridge
+from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
 
@@ -50,13 +50,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
         super().__init__(*args, **kwargs)
         trl_bridge.check_trainer(self)
-        if memory.launch_uses_fsdp() and not self.is_fsdp_enabled:
-            raise ValueError(
-                "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
-                "plain DDP): launch CPU processes with --multi_gpu instead"
-            )
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else 0
-        check_sharding(cfg, zero_stage=zero_stage, fsdp=self.is_fsdp_enabled)
+        learner.check_launch(self, cfg)
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)

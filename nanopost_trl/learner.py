@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import torch
 
 from nanopost_trl import base, trl_bridge
+from nanopost_trl.config import check_sharding
+from nanopost_trl.memory import launch_uses_fsdp
 from nanopost_trl.run_log import append_row, truncate_after
 from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
 from nanopost_trl.utils import text_of
@@ -369,3 +371,15 @@ def check_vllm_server(host: str, port: int, base_url: str | None = None) -> None
             f"vllm_mode='server': no vLLM server at {host}:{port} ({error.strerror or error}); start it first "
             f"(`trl vllm-serve --model ... --port {port}`) or set vllm_server_host / vllm_server_port"
         ) from None
+
+
+def check_launch(trainer, cfg) -> None:
+    """Refuse what this launch's sharding cannot run (`config.check_sharding`), and an FSDP config that accelerate
+    did not turn into FSDP (it does so on GPUs only: CPU processes would silently run plain DDP)."""
+    if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
+            "plain DDP): launch CPU processes with --multi_gpu instead"
+        )
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0
+    check_sharding(cfg, zero_stage=zero_stage, fsdp=trainer.is_fsdp_enabled)
