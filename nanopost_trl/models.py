@@ -117,8 +117,11 @@ def hub_model_id(model: str, gguf_file: str | None = None) -> str | None:
 
 def model_origin(model: str, gguf_file: str | None = None) -> str:
     """What a model card names as the model trained: its Hub id, else a GGUF's file name, else `model` as given."""
+    hub_id = hub_model_id(model, gguf_file)
+    if hub_id is not None:
+        return hub_id
     source = gguf_source(model, gguf_file)
-    return hub_model_id(model, gguf_file) or (source.name if source is not None else model)
+    return source.name if source is not None else model
 
 
 # GGUF metadata keys that may name the model a file was converted from: llama.cpp's older bare repo id, then URLs
@@ -223,13 +226,17 @@ def converted_gguf(path: Path) -> Path:
 
 
 def _remember(memo: Path, digest: str) -> None:
-    """Write the digest side file (atomically: a concurrent reader sees all of it or nothing)."""
+    """Write the digest side file (atomically: a concurrent reader sees all of it or nothing). A cache this process may
+    read but not write (shared) only costs a re-hash next time."""
     if memo.is_file():
         return
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-    partial.write_text(digest)
-    partial.replace(memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_name(f".{memo.name}.{os.getpid()}")
+        partial.write_text(digest)
+        partial.replace(memo)
+    except OSError:
+        pass
 
 
 def _convert(path: Path, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Command line: `python -m nanopost_trl.train --preset NAME --loss dg --tasks gsm8k [--num_steps 10 ...]`.
 
 Every TrainConfig field is a flag; the preset supplies defaults, `--config run.yaml` overrides them, flags override
-both. The same command runs under `accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nanopost_trl.train`.
+both. TRL's GRPOConfig names (`--num_generations 4`) set the matching field, or say what to use instead. The same
+command runs under `accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nanopost_trl.train`.
 With no arguments it runs the embedded default (TINY_CPU, GRPO, addition) on CPU.
 """
 
@@ -99,6 +100,11 @@ class Parser(TrlParser):
         return super().set_defaults_with_config(**translated)
 
 
+def add_flag(parser: argparse.ArgumentParser, name: str, switch: bool) -> None:
+    """`--name VALUE`, absent unless given; a switch may go bare, as `--bf16` does."""
+    parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **(dict(nargs="?", const="True") if switch else {}))
+
+
 def with_our_flag_names(argv: Sequence[str]) -> list[str]:
     """`argv` with TRL's flags (`--num_generations 4`) given as ours (`--responses_per_prompt 4`), saying so; a
     refused TRL flag, or a TRL flag and ours with different values, raise a ValueError (`translate_trl_names`)."""
@@ -106,11 +112,9 @@ def with_our_flag_names(argv: Sequence[str]) -> list[str]:
     trl_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     our_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     for trl_name, meaning in TRL_NAMES.items():
-        switch = meaning.field is None or field_types[meaning.field] is bool  # may go bare, as `--bf16` does
-        bare = dict(nargs="?", const="True") if switch else {}
-        trl_flags.add_argument(f"--{trl_name}", default=argparse.SUPPRESS, **bare)
-        if meaning.field is not None and f"--{meaning.field}" not in our_flags._option_string_actions:
-            our_flags.add_argument(f"--{meaning.field}", default=argparse.SUPPRESS, **bare)
+        add_flag(trl_flags, trl_name, switch=meaning.field is None or field_types[meaning.field] is bool)
+    for name in {meaning.field for meaning in TRL_NAMES.values() if meaning.field is not None}:
+        add_flag(our_flags, name, switch=field_types[name] is bool)
     try:
         given, rest = trl_flags.parse_known_args(argv)
         ours = vars(our_flags.parse_known_args(rest)[0])
