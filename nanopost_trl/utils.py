@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import types
 import typing
 import warnings
@@ -49,6 +50,8 @@ def _convert(value: Any, annotation: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError
         return value
+    if annotation is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
     if annotation in (int, float, str) and (isinstance(value, bool) or not isinstance(value, int | float | str)):
         raise ValueError
     if annotation is float:

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,22 @@ def test_loss_args_parse_python_literals():
     }
     with pytest.raises(ValueError, match="not key=value"):
         parse_loss_args("eta")
+
+
+def test_loss_and_config_values_are_checked_and_converted_to_their_field_types():
+    loss = Loss.GRPO.make(**parse_loss_args("eps_low=1, kl_coef=None, max_new_tokens=8.0, kl_ratio_correction=true"))
+    assert (loss.eps_low, loss.kl_coef, loss.max_new_tokens, loss.kl_ratio_correction) == (1.0, None, 8, True)
+    assert type(loss.eps_low) is float and type(loss.max_new_tokens) is int
+    for overrides, message in [
+        (dict(eps_low="wide"), "GRPOLoss.eps_low='wide': expected float"),
+        (dict(eps_low=True), "GRPOLoss.eps_low=True: expected float"),
+        (dict(aggregation="mean"), "GRPOLoss.aggregation='mean': expected one of 'seq_mean', 'token_mean', 'constant'"),
+        (dict(kl_ratio_correction="maybe"), "GRPOLoss.kl_ratio_correction='maybe': expected bool"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            Loss.GRPO.make(**overrides)
+    cfg = Preset.TINY_SMOKE.make(num_steps="3", out_dir=Path("/tmp/out"), data_dir=None)
+    assert (cfg.num_steps, cfg.out_dir, cfg.data_dir) == (3, "/tmp/out", None)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
