@@ -37,14 +37,13 @@ from transformers.models.qwen2.tokenization_qwen2 import (
 
 from nanopost_trl.base import TaskInstance
 from nanopost_trl.config import Preset
-from nanopost_trl.memory import KNOWN_ARCHITECTURES, PRESET_TARGETS
+from nanopost_trl.memory import KNOWN_ARCHITECTURES
 from nanopost_trl.trainer import Trainer
 from nanopost_trl.utils import read_rows
 
 ARCHITECTURES = KNOWN_ARCHITECTURES  # each model's exact public shapes (nanopost_trl/memory.py)
 SHRINK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096)
-GPU_PRESETS = [preset.name for preset in Preset if preset.value["model"] in ARCHITECTURES]
-TARGETS = PRESET_TARGETS  # (number of GPUs, GiB each, ZeRO stage) per preset; unlisted presets have no target
+GPU_PRESETS = [preset.name for preset in Preset if preset.value.config["model"] in ARCHITECTURES]
 MAX_TARGET_FRACTION = 0.9
 SPECIAL_TOKENS = ["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"]  # pad 0, eos 1, bos 2: Gemma's ids too
 ROLE_WORDS = ["system", "user", "assistant"]
@@ -158,13 +157,13 @@ def measure(name: str, shrink: bool, steps: int, workdir: Path) -> dict[str, Any
     Speeds are averaged over the steps after the first (warm-up), unless there is only one.
     """
     preset = Preset.from_name(name)
-    gpus, target_gib, _ = TARGETS.get(preset.name, (1, None, 0))
+    gpus, target_gib, _ = preset.value.target or (1, None, 0)  # (number of GPUs, GiB each, ZeRO stage)
     cuda = torch.cuda.is_available()
-    path = model_dir(preset.value["model"], shrink, workdir)
+    path = model_dir(preset.value.config["model"], shrink, workdir)
     cfg = preset.make(
         model=str(path),
         num_steps=steps,
-        prompts_per_step=preset.value["prompts_per_step"] // gpus,  # one process's share of the batch
+        prompts_per_step=preset.value.config["prompts_per_step"] // gpus,  # one process's share of the batch
         bf16=cuda,
         eval_size=EVAL_SIZE,
         save_final_model=False,
@@ -189,7 +188,7 @@ def measure(name: str, shrink: bool, steps: int, workdir: Path) -> dict[str, Any
     return {
         "preset": preset.name,
         "device": device,
-        "model": preset.value["model"] + (" (shrunk)" if shrink else ""),
+        "model": preset.value.config["model"] + (" (shrunk)" if shrink else ""),
         "gpus": gpus,
         "prompts_per_step": cfg.prompts_per_step,
         "responses_per_prompt": cfg.responses_per_prompt,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nanopost_trl.models import TINY_MODEL
-from nanopost_trl.utils import make_dataclass
+from nanopost_trl.utils import convert_field, make_dataclass
 
 # Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
 # fallback (CPU) the backward holds ~8 tile-sized fp32 temporaries, so a narrower tile (benchmarks/logprob_memory.py)
@@ -252,67 +254,125 @@ _GPU_80GB = dict(_GPU_RUN, prompts_per_step=32, micro_batch_size=16)
 _LORA_24GB = dict(_GPU_RUN, prompts_per_step=8, max_new_tokens=384, learning_rate=1e-5, lora_r=32, lora_alpha=64)
 
 
+class DeviceTarget(NamedTuple):
+    """The launch a GPU preset is sized for; the memory planner checks the preset against it."""
+
+    processes: int
+    gib: int  # memory per device
+    zero_stage: int  # DeepSpeed ZeRO stage: 0 (none), 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetSpec:
+    """Everything known about one preset: its TrainConfig values, the hardware it is sized for (shown by `--list`),
+    the task it trains on when none is named, and the device the planner checks it against (None: no GPU target)."""
+
+    config: dict[str, Any]
+    hardware: str
+    task: str = "addition"
+    target: DeviceTarget | None = None
+
+
 class Preset(enum.Enum):
     """Rough (model, batch sizes, max_new_tokens) starting points; `Preset.X.make(**overrides) -> TrainConfig`."""
 
-    TINY_CPU = dict(  # measured in benchmarks/RESULTS.md: lr >= 2e-4 collapses, 8 prompts per step does not learn
-        model=TINY_MODEL,
-        num_steps=200,
-        prompts_per_step=32,
-        responses_per_prompt=8,
-        micro_batch_size=128,
-        max_new_tokens=4,
-        learning_rate=1e-4,
-        lr_schedule="constant",
-        eval_every=20,
-        eval_size=1000,
+    # measured in benchmarks/RESULTS.md: lr >= 2e-4 collapses, 8 prompts per step does not learn
+    TINY_CPU = PresetSpec(
+        dict(
+            model=TINY_MODEL,
+            num_steps=200,
+            prompts_per_step=32,
+            responses_per_prompt=8,
+            micro_batch_size=128,
+            max_new_tokens=4,
+            learning_rate=1e-4,
+            lr_schedule="constant",
+            eval_every=20,
+            eval_size=1000,
+        ),
+        hardware="2 CPU cores",
     )
-    TINY_SMOKE = dict(
-        model=TINY_MODEL,
-        num_steps=2,
-        prompts_per_step=2,
-        responses_per_prompt=4,
-        micro_batch_size=8,
-        max_new_tokens=8,
-        learning_rate=1e-4,
-        eval_size=16,
+    TINY_SMOKE = PresetSpec(
+        dict(
+            model=TINY_MODEL,
+            num_steps=2,
+            prompts_per_step=2,
+            responses_per_prompt=4,
+            micro_batch_size=8,
+            max_new_tokens=8,
+            learning_rate=1e-4,
+            eval_size=16,
+        ),
+        hardware="CPU",
     )
-    SMOLLM_CPU = dict(  # a real instruct LLM on 2 CPU cores (the `smollm` extra); measured in benchmarks/RESULTS.md
-        model="smollm2-135m-instruct",
-        num_steps=10,
-        prompts_per_step=16,
-        responses_per_prompt=8,
-        micro_batch_size=32,
-        max_new_tokens=12,
-        learning_rate=1e-5,
-        lr_schedule="constant",
-        bf16=True,
-        eval_every=5,
-        eval_size=200,
+    # a real instruct LLM on 2 CPU cores (the `smollm` extra); measured in benchmarks/RESULTS.md
+    SMOLLM_CPU = PresetSpec(
+        dict(
+            model="smollm2-135m-instruct",
+            num_steps=10,
+            prompts_per_step=16,
+            responses_per_prompt=8,
+            micro_batch_size=32,
+            max_new_tokens=12,
+            learning_rate=1e-5,
+            lr_schedule="constant",
+            bf16=True,
+            eval_every=5,
+            eval_size=200,
+        ),
+        hardware="2 CPU cores",
+        task="arithmetic",
     )
-    QWEN_0_5B_SMOKE = dict(
-        model=QWEN_0_5B,
-        num_steps=2,
-        prompts_per_step=2,
-        responses_per_prompt=4,
-        micro_batch_size=8,
-        max_new_tokens=64,
-        eval_size=8,
+    QWEN_0_5B_SMOKE = PresetSpec(
+        dict(
+            model=QWEN_0_5B,
+            num_steps=2,
+            prompts_per_step=2,
+            responses_per_prompt=4,
+            micro_batch_size=8,
+            max_new_tokens=64,
+            eval_size=8,
+        ),
+        hardware="CPU or any GPU",
     )
-    QWEN_0_5B_FAST = dict(
-        _GPU_RUN, model=QWEN_0_5B, num_steps=256, prompts_per_step=16, micro_batch_size=32, max_new_tokens=256
+    QWEN_0_5B_FAST = PresetSpec(
+        dict(_GPU_RUN, model=QWEN_0_5B, num_steps=256, prompts_per_step=16, micro_batch_size=32, max_new_tokens=256),
+        hardware="any GPU",
+        target=DeviceTarget(1, 24, 0),
     )
-    QWEN_1_5B_1xA100 = dict(_A100_40GB, model=QWEN_1_5B)
-    QWEN_1_5B_1x80GB = dict(_GPU_80GB, model=QWEN_1_5B)
-    GEMMA_1B_1xA100 = dict(_A100_40GB, model=GEMMA_1B)
-    GEMMA_1B_1x80GB = dict(_GPU_80GB, model=GEMMA_1B)
-    QWEN_3B_8xA100 = dict(_GPU_RUN, model=QWEN_3B, prompts_per_step=64, micro_batch_size=4)
-    QWEN_1_5B_LORA_24GB = dict(_LORA_24GB, model=QWEN_1_5B, micro_batch_size=8)
-    QWEN_3B_LORA_24GB = dict(_LORA_24GB, model=QWEN_3B, micro_batch_size=4)
+    QWEN_1_5B_1xA100 = PresetSpec(
+        dict(_A100_40GB, model=QWEN_1_5B), hardware="1x A100 40GB", target=DeviceTarget(1, 40, 0)
+    )
+    QWEN_1_5B_1x80GB = PresetSpec(
+        dict(_GPU_80GB, model=QWEN_1_5B), hardware="1x A100/H100 80GB", target=DeviceTarget(1, 80, 0)
+    )
+    GEMMA_1B_1xA100 = PresetSpec(
+        dict(_A100_40GB, model=GEMMA_1B), hardware="1x A100 40GB", target=DeviceTarget(1, 40, 0)
+    )
+    GEMMA_1B_1x80GB = PresetSpec(
+        dict(_GPU_80GB, model=GEMMA_1B), hardware="1x A100/H100 80GB", target=DeviceTarget(1, 80, 0)
+    )
+    # checked on the smaller A100 (a fit there is a fit on the 80 GB one); ZeRO-2: under plain DDP each process
+    # would hold 3B fp32 weights + gradients + AdamW states
+    QWEN_3B_8xA100 = PresetSpec(
+        dict(_GPU_RUN, model=QWEN_3B, prompts_per_step=64, micro_batch_size=4),
+        hardware="8x A100 40GB",
+        target=DeviceTarget(8, 40, 2),
+    )
+    QWEN_1_5B_LORA_24GB = PresetSpec(
+        dict(_LORA_24GB, model=QWEN_1_5B, micro_batch_size=8), hardware="1x 24GB GPU", target=DeviceTarget(1, 24, 0)
+    )
+    QWEN_3B_LORA_24GB = PresetSpec(
+        dict(_LORA_24GB, model=QWEN_3B, micro_batch_size=4), hardware="1x 24GB GPU", target=DeviceTarget(1, 24, 0)
+    )
 
     def make(self, **overrides: Any) -> TrainConfig:
-        """A TrainConfig from this preset with `overrides` applied; unknown fields raise a TypeError."""
-        return make_dataclass(TrainConfig, {**self.value, **overrides})
+        """A TrainConfig from this preset with `overrides` applied; unknown fields raise a TypeError. TRL's names
+        (`num_generations=4`) set our fields, with a warning naming the field (`TRL_NAMES`)."""
+        overrides, notes = translate_trl_names(overrides)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        return make_dataclass(TrainConfig, {**self.value.config, **overrides})
 
     @classmethod
     def from_name(cls, name: str) -> Preset:
@@ -322,25 +382,152 @@ class Preset(enum.Enum):
         return by_name[name.lower()]
 
 
-# What each preset is sized for (shown by `nanopost-trl --list` and `--help`).
-PRESET_HARDWARE = {
-    "TINY_CPU": "2 CPU cores",
-    "TINY_SMOKE": "CPU",
-    "SMOLLM_CPU": "2 CPU cores",
-    "QWEN_0_5B_SMOKE": "CPU or any GPU",
-    "QWEN_0_5B_FAST": "any GPU",
-    "QWEN_1_5B_1xA100": "1x A100 40GB",
-    "QWEN_1_5B_1x80GB": "1x A100/H100 80GB",
-    "GEMMA_1B_1xA100": "1x A100 40GB",
-    "GEMMA_1B_1x80GB": "1x A100/H100 80GB",
-    "QWEN_3B_8xA100": "8x A100 40GB",
-    "QWEN_1_5B_LORA_24GB": "1x 24GB GPU",
-    "QWEN_3B_LORA_24GB": "1x 24GB GPU",
+@dataclasses.dataclass(frozen=True)
+class TrlName:
+    """What a name of TRL's GRPOConfig (or its scripts' ModelConfig) means here: the TrainConfig field it sets, or
+    (field None) why it is refused and what to use instead."""
+
+    field: str | None
+    why: str = ""
+    convert: Callable[[Any], Any] | None = None  # TRL's value -> ours, where the two differ in form
+
+
+def _reports_to_wandb(report_to: str | list[str]) -> bool:
+    """TRL's `report_to` ("wandb", ["wandb"], "none") as `wandb_log`: W&B is the one integration a run reports to."""
+    integrations = {report_to} if isinstance(report_to, str) else set(report_to)
+    if not integrations <= {"wandb", "none"}:
+        raise ValueError(
+            f"report_to={report_to!r}: a run reports to W&B only (wandb_log); every run also writes "
+            "out_dir/{run_name}.jsonl"
+        )
+    return "wandb" in integrations
+
+
+_SET_FROM_BATCH = "set from prompts_per_step x responses_per_prompt (one generation batch per optimizer step)"
+_IN_TRL_LOSS = "it acts inside TRL's own loss, which the LossFn replaces: implement it in a LossFn"
+# TRL's names that differ from ours; TRL names equal to ours (learning_rate, warmup_steps, weight_decay, max_grad_norm,
+# temperature, top_p, num_iterations, seed, run_name, bf16, gradient_checkpointing, use_vllm, push_to_hub,
+# hub_model_id, lora_r, lora_alpha, lora_dropout, lora_target_modules) are TrainConfig fields already.
+TRL_NAMES: dict[str, TrlName] = {
+    **{
+        trl_name: TrlName(field)
+        for trl_name, field in {
+            "num_generations": "responses_per_prompt",
+            "max_completion_length": "max_new_tokens",
+            "beta": "kl_coef",
+            "per_device_train_batch_size": "micro_batch_size",
+            "max_steps": "num_steps",
+            "lr_scheduler_type": "lr_schedule",
+            "output_dir": "out_dir",
+            "activation_checkpointing": "gradient_checkpointing",
+            "hub_private_repo": "hub_private",
+            "save_steps": "save_every",
+            "eval_steps": "eval_every",
+            "per_device_eval_batch_size": "eval_batch_size",
+            "model_name_or_path": "model",
+        }.items()
+    },
+    "report_to": TrlName("wandb_log", convert=_reports_to_wandb),
+    **{
+        trl_name: TrlName(None, why)
+        for trl_name, why in {
+            "gradient_accumulation_steps": f"{_SET_FROM_BATCH} / processes / micro_batch_size: set --micro_batch_size",
+            "generation_batch_size": f"{_SET_FROM_BATCH}: set --prompts_per_step",
+            "steps_per_generation": f"{_SET_FROM_BATCH}: set --prompts_per_step",
+            "num_train_epochs": "a run is counted in optimizer steps: set --num_steps",
+            "loss_type": "the loss is chosen with --loss (see --list) and shaped with --loss_args, e.g. "
+            "--loss grpo --loss_args aggregation=token_mean (TRL's bnpo) or aggregation=constant (dr_grpo)",
+            "epsilon": "the clip range is the loss's: --loss_args eps_low=0.2",
+            "epsilon_high": "the clip range is the loss's: --loss_args eps_high=0.28",
+            "use_bias_correction_kl": "the loss's: --loss grpo --loss_args kl_ratio_correction=True",
+            "logging_steps": "every step is logged (out_dir/{run_name}.jsonl)",
+            "save_strategy": "checkpoints every --save_every N steps (0: the final model only)",
+            "eval_strategy": "held-out greedy eval every --eval_every N steps (0: start and end only)",
+            "num_generations_eval": "held-out eval is greedy, one completion per prompt; --eval_pass_k K samples K",
+            "vllm_mode": "colocate mode only (--use_vllm)",
+            "use_cpu": "set from whether a GPU is visible",
+            "fp16": "mixed precision is bf16 only: --bf16",
+            "use_peft": "LoRA is on when --lora_r > 0",
+            "dataset_name": "the data comes from --tasks (see --list), or Trainer.run(tasks=...) from Python",
+            "top_entropy_quantile": _IN_TRL_LOSS,
+            "delta": _IN_TRL_LOSS,
+            "importance_sampling_level": _IN_TRL_LOSS,
+            "off_policy_mask_threshold": _IN_TRL_LOSS,
+            "entropy_coef": _IN_TRL_LOSS,
+            "use_adaptive_entropy": _IN_TRL_LOSS,
+            "use_liger_kernel": "it bypasses the LossFn (TRL's Liger loss replaces _compute_loss)",
+        }.items()
+    },
 }
 
 
-# The task a preset trains on when the command line names none (else "addition", the embedded model's).
-PRESET_TASKS = {"SMOLLM_CPU": "arithmetic"}
+def translate_trl_names(settings: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`settings` with TRL's names (`TRL_NAMES`) replaced by our TrainConfig fields, and one line per replacement
+    saying which field it set. A refused name, or a TRL name and ours setting one field to different values, raises a
+    ValueError."""
+    translated = {name: value for name, value in settings.items() if name not in TRL_NAMES}
+    notes = []
+    for trl_name, value in settings.items():
+        meaning = TRL_NAMES.get(trl_name)
+        if meaning is None:
+            continue
+        if meaning.field is None:
+            raise ValueError(f"{trl_name} (TRL's GRPOConfig) is not set here: {meaning.why}")
+        ours = convert_field(TrainConfig, meaning.field, meaning.convert(value) if meaning.convert else value)
+        if meaning.field in translated and convert_field(TrainConfig, meaning.field, translated[meaning.field]) != ours:
+            raise ValueError(
+                f"{trl_name}={value!r} (TRL's name for {meaning.field}) and {meaning.field}="
+                f"{translated[meaning.field]!r} set the same field to different values: give one"
+            )
+        translated[meaning.field] = ours
+        notes.append(f"{trl_name} is TRL's name for {meaning.field}: set {meaning.field}={ours!r}")
+    return translated, notes
+
+
+def micro_batches(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
+    """(completions per forward/backward, micro-batches accumulated per optimizer step) on each of `num_processes`;
+    a ValueError when the step's completions do not split evenly."""
+    if cfg.completions_per_step % num_processes:
+        raise ValueError(
+            f"prompts_per_step x responses_per_prompt = {cfg.completions_per_step} must divide evenly over "
+            f"{num_processes} processes"
+        )
+    per_process = cfg.completions_per_step // num_processes
+    micro_batch = min(cfg.micro_batch_size, per_process)
+    if per_process % micro_batch:
+        raise ValueError(
+            f"micro_batch_size={cfg.micro_batch_size} must divide the {per_process} completions each process "
+            f"handles per step (prompts_per_step x responses_per_prompt over {num_processes} process(es))"
+        )
+    if cfg.refill_rounds and per_process % cfg.responses_per_prompt:
+        raise ValueError(
+            f"refill_rounds needs whole prompt groups on each process: responses_per_prompt="
+            f"{cfg.responses_per_prompt} must divide the {per_process} completions each process handles per step"
+        )
+    return micro_batch, per_process // micro_batch
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `directory` (one killed mid-save has no trainer_state.json yet)."""
+    complete = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def run_to_resume(cfg: TrainConfig) -> str:
+    """The run `--resume latest` continues: `cfg.run_name`, else the run in `out_dir` with the newest complete
+    checkpoint. A ValueError when there is none to resume."""
+    out = Path(cfg.out_dir)
+    if cfg.run_name is not None:
+        if latest_checkpoint(out / cfg.run_name) is None:
+            raise ValueError(f"no checkpoint of run {cfg.run_name!r} to resume in {out / cfg.run_name}")
+        return cfg.run_name
+    checkpoints = [c for run in out.glob("*") if run.is_dir() and (c := latest_checkpoint(run)) is not None]
+    if not checkpoints:
+        raise ValueError(
+            f"no run to resume in out_dir={str(out)!r}: no run directory there has a complete checkpoint "
+            "(runs checkpoint with --save_every N)"
+        )
+    return max(checkpoints, key=lambda c: c.stat().st_mtime).parent.name
 
 
 def output_paths(cfg: TrainConfig) -> dict[str, Path]:
@@ -368,29 +555,13 @@ def to_grpo_config(
     import torch
     from trl import GRPOConfig
 
-    if cfg.completions_per_step % num_processes:
-        raise ValueError(
-            f"prompts_per_step x responses_per_prompt = {cfg.completions_per_step} must divide evenly over "
-            f"{num_processes} processes"
-        )
-    per_process = cfg.completions_per_step // num_processes
-    micro_batch = min(cfg.micro_batch_size, per_process)
-    if per_process % micro_batch:
-        raise ValueError(
-            f"micro_batch_size={cfg.micro_batch_size} must divide the {per_process} completions each process "
-            f"handles per step"
-        )
-    if cfg.refill_rounds and per_process % cfg.responses_per_prompt:
-        raise ValueError(
-            f"refill_rounds needs whole prompt groups on each process: responses_per_prompt="
-            f"{cfg.responses_per_prompt} must divide the {per_process} completions each process handles per step"
-        )
+    micro_batch, accumulation = micro_batches(cfg, num_processes)
     return GRPOConfig(
         output_dir=str(output_paths(cfg)["checkpoints"]),
         run_name=cfg.run_name,
         max_steps=cfg.num_steps,
         per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=per_process // micro_batch,
+        gradient_accumulation_steps=accumulation,
         num_generations=cfg.responses_per_prompt,
         generation_batch_size=cfg.completions_per_step,
         max_completion_length=cfg.max_new_tokens,

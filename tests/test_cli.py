@@ -6,17 +6,20 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from nanopost_trl import analysis
-from nanopost_trl.config import COMPLETIONS_SUFFIX, PRESET_HARDWARE, Preset, TrainConfig
+from nanopost_trl.config import COMPLETIONS_SUFFIX, TRL_NAMES, Preset, PresetSpec, TrainConfig, run_to_resume
 from nanopost_trl.losses import Loss
-from nanopost_trl.train import parse, parse_loss_args, task_list
+from nanopost_trl.tasks import task_names
+from nanopost_trl.train import main, parse, parse_loss_args, task_list
 
 
 def test_preset_then_yaml_then_flags(tmp_path):
@@ -53,6 +56,22 @@ def test_loss_args_parse_python_literals():
         parse_loss_args("eta")
 
 
+def test_loss_and_config_values_are_checked_and_converted_to_their_field_types():
+    loss = Loss.GRPO.make(**parse_loss_args("eps_low=1, kl_coef=None, max_new_tokens=8.0, kl_ratio_correction=true"))
+    assert (loss.eps_low, loss.kl_coef, loss.max_new_tokens, loss.kl_ratio_correction) == (1.0, None, 8, True)
+    assert type(loss.eps_low) is float and type(loss.max_new_tokens) is int
+    for overrides, message in [
+        (dict(eps_low="wide"), "GRPOLoss.eps_low='wide': expected float"),
+        (dict(eps_low=True), "GRPOLoss.eps_low=True: expected float"),
+        (dict(aggregation="mean"), "GRPOLoss.aggregation='mean': expected one of 'seq_mean', 'token_mean', 'constant'"),
+        (dict(kl_ratio_correction="maybe"), "GRPOLoss.kl_ratio_correction='maybe': expected bool"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            Loss.GRPO.make(**overrides)
+    cfg = Preset.TINY_SMOKE.make(num_steps="3", out_dir=Path("/tmp/out"), data_dir=None)
+    assert (cfg.num_steps, cfg.out_dir, cfg.data_dir) == (3, "/tmp/out", None)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nanopost_trl.train", *args],
@@ -84,21 +103,130 @@ def test_help_documents_every_field():
         (["--num_stepz", "3"], "unrecognized argument: --num_stepz (did you mean --num_steps?)"),
         (["--responses_per_prompt", "1"], "responses_per_prompt must be >= 2"),
         (["--eval_pass_k", "1"], "eval_pass_k must be 0 (off) or >= 2, got 1"),
-        (["--loss", "kondo", "--loss_args", "unit=row"], "unknown Kondo unit 'row'; valid: 'token', 'sequence'"),
+        (["--loss", "kondo", "--loss_args", "unit=row"], "KondoLoss.unit='row': expected one of 'token', 'sequence'"),
     ],
 )
 def test_bad_names_exit_with_the_valid_ones(args, message):
     result = run_cli(*args)
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2  # the usage line, then the one-line error
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--loss", "dg", "--loss_args", "eta=abc"], "DGLoss.eta='abc': expected float"),
+        (["--loss", "dg", "--loss_args", "max_new_tokens=2.5"], "DGLoss.max_new_tokens=2.5: expected int or None"),
+        (["--model", __file__], f"model '{__file__}' is a file but not a .gguf file; model= takes a short name"),
+        (["--micro_batch_size", "3"], "micro_batch_size=3 must divide the 256 completions each process handles"),
+        (["--num_generations", "4", "--responses_per_prompt", "8"], "set the same field to different values"),
+        (["--loss_type", "dr_grpo"], "loss_type (TRL's GRPOConfig) is not set here: the loss is chosen with --loss"),
+        (["--epsilon", "0.3"], "epsilon (TRL's GRPOConfig) is not set here: the clip range is the loss's: --loss_args"),
+        (["--gradient_accumulation_steps", "4"], "set --micro_batch_size"),
+        (["--num_generatons", "4"], "--num_generatons (did you mean --num_generations? TRL's name for --responses_pe"),
+        (["--num_iteratoins", "2"], "--num_iteratoins (did you mean --num_iterations?)"),
+        (["--num_iter", "2"], "unrecognized argument: --num_iter"),  # no prefix matching: a flag is named in full
+    ],
+)
+def test_bad_input_fails_in_one_line_before_the_model_loads(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    usage, error = capsys.readouterr().err.strip().splitlines()  # parser.error: the usage, then one line
+    assert exit.value.code == 2 and usage.startswith("usage: nanopost-trl") and message in error, error
+
+
+def test_trl_names_set_our_fields_on_the_command_line_in_yaml_and_in_preset_make(tmp_path, capsys):
+    trl = dict(num_generations=4, max_completion_length=16, beta=0.05, per_device_train_batch_size=4, max_steps=3)
+    ours = dict(responses_per_prompt=4, max_new_tokens=16, kl_coef=0.05, micro_batch_size=4, num_steps=3)
+    expected = Preset.TINY_SMOKE.make(**ours)
+
+    flags = [item for name, value in trl.items() for item in (f"--{name}", str(value))]
+    assert parse(["--preset", "TINY_SMOKE", *flags, "--kl_coef", "0.05"])[0] == expected  # the same value twice: fine
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == len(trl) and "num_generations is TRL's name for responses_per_prompt: set " in said[0]
+
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: TINY_SMOKE\n" + "".join(f"{name}: {value}\n" for name, value in trl.items()))
+    assert parse(["--config", str(config)])[0] == expected
+    assert parse(["--config", str(config), "--responses_per_prompt", "2"])[0].responses_per_prompt == 2  # flags win
+    assert "--config: max_steps is TRL's name for num_steps: set num_steps=3" in capsys.readouterr().err
+
+    with pytest.warns(UserWarning) as warned:
+        assert Preset.TINY_SMOKE.make(**trl) == expected
+    assert "beta is TRL's name for kl_coef: set kl_coef=0.05" in [str(w.message) for w in warned] and len(warned) == 5
+    with pytest.raises(ValueError, match="beta=0.1 .*and kl_coef=0.2 set the same field to different values"):
+        Preset.TINY_SMOKE.make(beta=0.1, kl_coef=0.2)
+    with pytest.raises(ValueError, match="generation_batch_size .* is not set here: .*set --prompts_per_step"):
+        Preset.TINY_SMOKE.make(generation_batch_size=64)
+    config.write_text("preset: TINY_SMOKE\nloss_type: dapo\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(config)])
+    assert "loss_type (TRL's GRPOConfig) is not set here" in capsys.readouterr().err
+
+    switches = parse(["--activation_checkpointing", "--report_to", "wandb", "--hub_private_repo", "false"])[0]
+    assert (switches.gradient_checkpointing, switches.wandb_log, switches.hub_private) == (True, True, False)
+    with pytest.raises(ValueError, match="report_to='tensorboard': a run reports to W&B only"):
+        Preset.TINY_SMOKE.make(report_to="tensorboard")
+
+
+def test_every_trl_name_maps_to_a_field_or_says_what_to_use_and_the_readme_lists_them():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command_line = readme[readme.index("## Command line") : readme.index("## Presets")]
+    for trl_name, meaning in TRL_NAMES.items():
+        assert trl_name not in fields and (meaning.field in fields or (meaning.field is None and meaning.why))
+        assert f"`{trl_name}`" in command_line, trl_name
+
+
+def test_unknown_name_hints_never_point_to_a_field_of_another_meaning():
+    from nanopost_trl.utils import close_match
+
+    flags = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert close_match("num_generations", flags) is None  # not num_iterations
+    assert close_match("num_stepz", flags) == "num_steps"
+    with pytest.raises(TypeError, match=r"TrainConfig has no field 'num_generation'; valid"):
+        Preset.TINY_SMOKE.make(num_generation=4)
+
+
+def test_every_preset_is_one_record_with_every_fact():
+    for preset in Preset:
+        spec = preset.value
+        assert isinstance(spec, PresetSpec) and spec.hardware and spec.task in task_names(), preset.name
+        assert isinstance(preset.make(), TrainConfig) and task_list(parse(["--preset", preset.name])[1]) == [spec.task]
+        assert (spec.target is not None) == ("CPU" not in spec.hardware), preset.name  # every GPU preset: a target
+        if spec.target is not None:
+            assert spec.target.processes >= 1 and spec.target.gib > 0 and spec.target.zero_stage in (0, 2, 3)
+            assert (
+                str(spec.target.processes) in spec.hardware
+                and str(spec.target.gib) in spec.hardware
+                or (spec.hardware == "any GPU")
+            )
+
+
+def test_resume_latest_finds_the_newest_run_with_a_checkpoint_or_says_there_is_none(tmp_path):
+    cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=f"no run to resume in out_dir='{tmp_path}'"):
+        run_to_resume(cfg)
+    for run, age in [("old", 100), ("new", 10), ("no-checkpoint", 0)]:
+        checkpoint = tmp_path / run / "checkpoint-2"
+        checkpoint.mkdir(parents=True)
+        if run != "no-checkpoint":
+            (checkpoint / "trainer_state.json").write_text("{}")
+            os.utime(checkpoint, (time.time() - age, time.time() - age))
+    assert run_to_resume(cfg) == "new"
+    assert run_to_resume(dataclasses.replace(cfg, run_name="old")) == "old"
+    with pytest.raises(ValueError, match="no checkpoint of run 'no-checkpoint' to resume"):
+        run_to_resume(dataclasses.replace(cfg, run_name="no-checkpoint"))
+    result = run_cli("--preset", "TINY_SMOKE", "--resume", "latest", "--out_dir", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "no run to resume in out_dir=" in result.stderr
 
 
 def test_list_and_help_show_presets_with_hardware_losses_and_task_sources_in_one_screen():
     listing = run_cli("--list")
     assert listing.returncode == 0 and len(listing.stdout.splitlines()) <= 40
     lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("  ")}
-    assert set(PRESET_HARDWARE) == {preset.name for preset in Preset}
     for preset in Preset:
-        assert PRESET_HARDWARE[preset.name] in lines[preset.name] and preset.value["model"] in lines[preset.name]
+        assert preset.value.hardware in lines[preset.name] and preset.value.config["model"] in lines[preset.name]
     for loss in Loss:
         assert inspect.getmodule(loss.value).__doc__.splitlines()[0] in lines[loss.name.lower()]
     assert "embedded" in lines["addition"] and "generated" in lines["countdown"]
@@ -158,7 +286,7 @@ def test_gradient_checkpointing_prints_no_deprecation_warnings(tmp_path):
 
 @pytest.mark.parametrize(
     ("model", "message"),
-    [("nope-model", "unknown model 'nope-model'; short names: nanopost-tiny, smollm2-135m-instruct"),
+    [("nope-model", "unknown model 'nope-model'; model= takes a short name (nanopost-tiny, smollm2-135m-instruct)"),
      ("/tmp/nanopost-missing.gguf", "GGUF file /tmp/nanopost-missing.gguf does not exist")],
 )  # fmt: skip
 def test_a_bad_model_fails_in_one_line_before_loading(model, message):

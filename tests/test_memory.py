@@ -110,9 +110,10 @@ def test_verdict_and_the_knob_that_helps_most():
 
 
 def test_every_gpu_preset_is_estimated_within_85_percent_of_its_target():
-    for name, (processes, gib, zero_stage) in memory.PRESET_TARGETS.items():
+    for preset in (preset for preset in Preset if preset.value.target is not None):
+        processes, gib, zero_stage = preset.value.target
         result = memory.estimate(
-            Preset.from_name(name).make(), num_processes=processes, zero_stage=zero_stage, device_gb=gib, on_gpu=True
+            preset.make(), num_processes=processes, zero_stage=zero_stage, device_gb=gib, on_gpu=True
         )
         assert result.peak <= memory.MAX_DEVICE_FRACTION * gib * memory.GIB, result.report()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from nanopost_trl import models
+from nanopost_trl import hub, models
 from nanopost_trl.assets import TINY_MODEL_PATH
+from nanopost_trl.config import Preset
+from nanopost_trl.run_log import RunSummary
 
 gguf = pytest.importorskip("gguf", reason="the `smollm` extra (gguf) is not installed")
 
@@ -30,6 +34,7 @@ def write_gguf(path: Path, architecture: str) -> Path:
 
 def test_hub_ids_and_local_directories_pass_through_and_the_tiny_name_resolves(tmp_path):
     assert models.resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    (tmp_path / "config.json").write_text("{}")
     assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert models.resolve_model_path(models.TINY_MODEL) == str(TINY_MODEL_PATH)
 
@@ -37,6 +42,18 @@ def test_hub_ids_and_local_directories_pass_through_and_the_tiny_name_resolves(t
 def test_an_unknown_short_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'smollm2-9b'.*nanopost-tiny.*smollm2-135m-instruct"):
         models.resolve_model_path("smollm2-9b")
+
+
+def test_a_path_that_is_no_model_says_what_model_accepts(tmp_path):
+    not_a_model = tmp_path / "hostname"
+    not_a_model.write_text("box\n")
+    accepted = (
+        r"model= takes a short name \(nanopost-tiny, smollm2-135m-instruct\), a hub id \(org/name\), a local model"
+    )
+    with pytest.raises(ValueError, match=f"model '{not_a_model}' is a file but not a .gguf file; {accepted}"):
+        models.check_model(str(not_a_model))
+    with pytest.raises(ValueError, match=f"model '{tmp_path}' is a directory without config.json; {accepted}"):
+        models.check_model(str(tmp_path))
 
 
 def test_a_missing_gguf_file_is_named(tmp_path):
@@ -120,3 +137,80 @@ def test_chat_prompts_with_a_tokenizer_without_a_chat_template_fail_before_train
     with pytest.raises(ValueError, match=f"tokenizer of '{model_dir}' has no chat template.*chat messages"):
         Trainer(cfg).run(tasks="addition")
     assert not (tmp_path / "out" / "r.jsonl").exists()
+
+
+def test_the_conversion_cache_is_keyed_by_content_and_each_file_is_hashed_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOPOST_CACHE", str(tmp_path / "cache"))
+    first, copy = tmp_path / "venv-a" / "m.gguf", tmp_path / "venv-b" / "m.gguf"
+    for path in (first, copy):
+        path.parent.mkdir()
+    write_gguf(first, "llama")
+    copy.write_bytes(first.read_bytes())
+    os.utime(copy, ns=(1, 1))  # another install: another path and mtime, the same bytes
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    assert models.gguf_digest(first) == models.gguf_digest(copy) == digest
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(first.read_bytes() + b"\0")
+    assert models.gguf_digest(other) != digest
+
+    # after a conversion the digest is remembered per (path, size, mtime): an unchanged file is not read again
+    models._remember(models._digest_memo(first), "f" * 64)
+    assert models.gguf_digest(first) == "f" * 64 and models.gguf_digest(copy) == digest
+    os.utime(first, ns=(2, 2))  # a changed file (new mtime) is hashed afresh
+    assert models.gguf_digest(first) == digest
+
+
+@pytest.mark.slow  # one real conversion (~1 min on 2 cores)
+def test_one_conversion_serves_every_copy_of_a_gguf(tmp_path, monkeypatch, smollm_gguf):
+    monkeypatch.setenv("NANOPOST_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "venv-b" / smollm_gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(smollm_gguf, copy)
+    converted = models.converted_gguf(smollm_gguf)
+    started = time.monotonic()
+    assert models.converted_gguf(copy) == converted and time.monotonic() - started < 5  # found, not converted
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [converted.name]
+    assert len(list((tmp_path / "cache" / ".digests").iterdir())) == 2  # one remembered digest per copy
+
+
+def test_a_model_card_names_the_hub_model_a_short_name_or_gguf_comes_from(tmp_path):
+    assert models.hub_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.hub_model_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert models.hub_model_id(models.TINY_MODEL) is None and models.hub_model_id(str(tmp_path)) is None
+
+    def gguf_with(key: str | None, value: str = "") -> Path:
+        path = tmp_path / f"{(key or 'none').replace('.', '_')}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        if key:
+            writer.add_string(key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    url = gguf_with(gguf.Keys.General.SOURCE_REPO_URL, "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct")
+    repo = gguf_with("general.source.huggingface.repository", "Qwen/Qwen2.5-0.5B-Instruct")
+    elsewhere = gguf_with(gguf.Keys.General.SOURCE_URL, "https://example.com/models/m")
+    for path, origin in [(url, "HuggingFaceTB/SmolLM2-135M-Instruct"), (repo, "Qwen/Qwen2.5-0.5B-Instruct")]:
+        assert models.hub_model_id(str(path)) == origin == models.model_origin(str(path))
+        assert models.hub_model_id(str(tmp_path), gguf_file=path.name) == origin
+    for no_origin in (elsewhere, gguf_with(None)):
+        assert models.hub_model_id(str(no_origin)) is None
+        assert models.model_origin(str(no_origin)) == no_origin.name  # the card's text names the file
+
+    record = {
+        "run_name": "r",
+        "config": Preset.TINY_SMOKE.make(model="smollm2-135m-instruct").to_dict(),
+        "loss": {"name": "grpo", "class": "nanopost_trl.losses.grpo.GRPOLoss", "args": {}},
+        "tasks": ["arithmetic"],
+        "versions": {"trl": "1.16.0"},
+    }
+    summary = RunSummary("r", tmp_path / "r.jsonl", tmp_path / "c.json", None, {}, {}, None, None, {})
+    card = hub.model_card(record, summary)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "RL post-training of `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+    record["config"] = Preset.TINY_SMOKE.make(model=str(elsewhere)).to_dict()
+    card = hub.model_card(record, summary)
+    assert "base_model" not in card and f"RL post-training of `{elsewhere.name}`" in card

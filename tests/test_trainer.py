@@ -15,7 +15,7 @@ from examples.simple_pg import SimplePG
 from nanopost_trl import analysis, base, learner
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
-from nanopost_trl.trainer import Trainer, latest_checkpoint
+from nanopost_trl.trainer import Trainer, resume_checkpoint
 from nanopost_trl.utils import read_rows
 
 
@@ -181,9 +181,9 @@ def test_resume_latest_skips_a_checkpoint_killed_mid_save(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        latest_checkpoint(tmp_path / "missing")
+        resume_checkpoint(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("loss", [member.name.lower() for member in Loss])
