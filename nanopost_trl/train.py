@@ -23,11 +23,11 @@ from trl import TrlParser
 
 from nanopost_trl import memory
 from nanopost_trl.config import TRL_NAMES, Preset, TrainConfig, micro_batches, run_to_resume, translate_trl_names
-from nanopost_trl.losses import Loss
+from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_model
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
-from nanopost_trl.utils import close_match
+from nanopost_trl.utils import close_match, make_dataclass
 
 USAGE = "nanopost-trl [--preset NAME] [--loss NAME] [--tasks NAME,...] [--config run.yaml] [--FIELD VALUE ...] [--list]"
 
@@ -37,7 +37,12 @@ class RunArgs:
     """What to run, beside the TrainConfig: the preset, the loss and its arguments, the tasks."""
 
     preset: str = field(default="TINY_CPU", metadata={"help": f"One of: {', '.join(p.name for p in Preset)}."})
-    loss: str = field(default="grpo", metadata={"help": f"One of: {', '.join(m.name.lower() for m in Loss)}."})
+    loss: str = field(
+        default="grpo",
+        metadata={
+            "help": f"One of: {', '.join(m.name.lower() for m in Loss)}; or your own, as path/to/my_loss.py:ClassName."
+        },
+    )
     loss_args: str = field(default="", metadata={"help": "Loss fields as 'eta=0.5,keep_frac=0.3'."})
     tasks: str | None = field(
         default=None, metadata={"help": "Comma-separated task names (default: the preset's task, e.g. addition)."}
@@ -214,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     tasks = task_list(run_args)
     try:
-        loss_fn = Loss.from_name(run_args.loss).make(**parse_loss_args(run_args.loss_args))
+        loss_fn = make_dataclass(loss_class(run_args.loss), parse_loss_args(run_args.loss_args))
         for name in tasks:
             get_task_loader(name)
         check_model(cfg.model, cfg.gguf_file)  # a bad model name or file fails here, in one line, not mid-start

@@ -96,7 +96,8 @@ def test_help_documents_every_field():
         (["--preset", "QWEN_9B"], "unknown preset 'QWEN_9B'; valid: TINY_CPU"),
         (
             ["--loss", "ppo"],
-            "unknown loss 'ppo'; valid: grpo, dg, kondo, pmpo, maxrl, dapo, gspo, cispo, sapo, luspo, vespo",
+            "unknown loss 'ppo'; valid: grpo, dg, kondo, pmpo, maxrl, dapo, gspo, cispo, sapo, luspo, vespo, or a file "
+            "of your own as path/to/my_loss.py:ClassName",
         ),
         (["--tasks", "gsm8k,nope"], "unknown task 'nope'; valid: addition"),
         (["--loss", "dg", "--loss_args", "etta=1"], "DGLoss has no field 'etta' (did you mean 'eta'?)"),
@@ -104,6 +105,9 @@ def test_help_documents_every_field():
         (["--responses_per_prompt", "1"], "responses_per_prompt must be >= 2"),
         (["--eval_pass_k", "1"], "eval_pass_k must be 0 (off) or >= 2, got 1"),
         (["--loss", "kondo", "--loss_args", "unit=row"], "KondoLoss.unit='row': expected one of 'token', 'sequence'"),
+        (["--loss", "/nonexistent/my_loss.py:MyLoss"], "--loss /nonexistent/my_loss.py:MyLoss: no file"),
+        (["--loss", f"{__file__}:TrainConfig"], "TrainConfig is a type, not a nanopost_trl.base.LossFn subclass"),
+        (["--loss", "examples/simple_pg.py:SimplePG", "--loss_args", "kl_coef=x"], "SimplePG.kl_coef='x': expected"),
     ],
 )
 def test_bad_names_exit_with_the_valid_ones(args, message):

@@ -74,3 +74,12 @@ def test_bad_loss_specs_fail_in_one_line(tmp_path, loss_file, spec, message):
     fill = {"dir": tmp_path, "file": loss_file}
     with pytest.raises(ValueError, match=message.format(**fill)):
         loss_class(spec.format(**fill))
+
+
+def test_the_command_line_runs_a_loss_from_a_file_with_its_arguments(tmp_path, loss_file, capsys):
+    from nanopost_trl.train import main
+
+    flags = ["--preset", "TINY_SMOKE", "--out_dir", str(tmp_path), "--run_name", "cli"]
+    main([*flags, "--loss", f"{loss_file}:ScaledPG", "--loss_args", "scale=2"])
+    assert [row["loss_scale"] for row in read_rows(tmp_path / "cli.jsonl")[1:]] == [2.0, 2.0]
+    assert "held-out" in capsys.readouterr().out

@@ -67,7 +67,10 @@ def loss_class(spec: str) -> type[base.LossFn]:
     module_spec = importlib.util.spec_from_file_location(f"nanopost_user_loss_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module  # dataclasses look their module up while the file runs
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        raise ValueError(f"--loss {spec}: importing {file} failed: {error!r}") from error
     found = getattr(module, class_name, None)
     if not (isinstance(found, type) and issubclass(found, base.LossFn)):
         defined = sorted(
