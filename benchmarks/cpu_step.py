@@ -6,12 +6,14 @@ Precisions: `fp32`; `bf16` (the `bf16=True` default: fp32 master weights, bf16 a
 completions of the `arithmetic` task, 12 new tokens, micro-batches of 32), and, round after round in alternating
 order:
 - `generation`: `_generate_and_score_completions` on the same prompts and seed (sampling, rewards, advantages);
-- `adapter`: nanopost_trl's learning phase, `NanopostGRPOTrainer._compute_loss` + backward per micro-batch (GRPO);
+- `adapter`: nanopost_trl's learning phase, `NanopostGRPOTrainer._compute_loss` + backward per micro-batch (GRPO),
+  each prompt through the model once (`shared_prompt=True`, the default);
+- `unshared`: the same with `shared_prompt=False` (each completion carries its own copy of the prompt);
 - `trl`: plain `GRPOTrainer(loss_type="grpo")`'s `compute_loss` + backward on the same micro-batches (its fused LM
   head scores every position, prompt included, off CUDA);
 - `floor`: the bare forward + backward: `model(..., logits_to_keep=T + 1)`, log-softmax of the completion tokens,
   the masked mean, backward.
-Prints the median seconds of each and the ratios adapter / floor, trl / floor and adapter / trl.
+Prints the median seconds of each and the ratios adapter / unshared, adapter / trl, unshared / trl, adapter / floor.
 
     python benchmarks/cpu_step.py [--rounds 3] [--model smollm2-135m-instruct] [--precisions fp32 bf16 bf16_weights]
 """
@@ -31,6 +33,7 @@ from transformers import AutoTokenizer
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from nanopost_trl import learner
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
@@ -106,20 +109,23 @@ def main() -> None:
 
     def learning(kind: str, precision: str) -> None:
         trainer, trl_trainer = trainers[precision][0], trl_trainers[precision]
+        shared = trainer.shared_prompt
+        trainer.shared_prompt = shared if kind == "adapter" else learner.SharedPromptSetting(False, False)
         with trainer.accelerator.autocast():  # what TRL's training step wraps the learner in (bf16: autocast)
             for micro_batch in micro_batches:
-                if kind == "adapter":
+                if kind in ("adapter", "unshared"):
                     trainer._compute_loss(trainer.model, micro_batch).backward()
                 elif kind == "trl":
                     trl_trainer.compute_loss(trl_trainer.model, micro_batch).backward()
                 else:
                     floor(trainer.model, micro_batch)
+        trainer.shared_prompt = shared
         trainer.model.zero_grad()
         trl_trainer.model.zero_grad()
 
     phases = {(precision, "generation"): lambda p=precision: generation(p) for precision in args.precisions}
     for precision in args.precisions:
-        for kind in ("adapter", "trl", "floor"):
+        for kind in ("adapter", "unshared", "trl", "floor"):
             phases[(precision, kind)] = lambda p=precision, k=kind: learning(k, p)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in phases}
     for round_index in range(args.rounds + 1):  # round 0 warms up
@@ -136,12 +142,16 @@ def main() -> None:
     )
     print(f"{args.model}: {shape}; median of {args.rounds} interleaved rounds, seconds")
     print(
-        "| precision | generation | adapter learning | TRL learning | floor | adapter/floor | TRL/floor | adapter/TRL |"
+        "| precision | generation | adapter learning (shared prompt) | unshared | TRL learning | floor | "
+        "adapter/unshared | adapter/TRL | unshared/TRL | adapter/floor |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
-        g, a, t, f = (median[(precision, kind)] for kind in ("generation", "adapter", "trl", "floor"))
-        print(f"| {precision} | {g:.2f} | {a:.2f} | {t:.2f} | {f:.2f} | {a / f:.3f} | {t / f:.3f} | {a / t:.3f} |")
+        g, a, u, t, f = (median[(precision, kind)] for kind in ("generation", "adapter", "unshared", "trl", "floor"))
+        print(
+            f"| {precision} | {g:.2f} | {a:.2f} | {u:.2f} | {t:.2f} | {f:.2f} | {a / u:.3f} | {a / t:.3f} | "
+            f"{u / t:.3f} | {a / f:.3f} |"
+        )
     print(json.dumps({" ".join(key): [round(v, 3) for v in values] for key, values in times.items()}))
 
 
