@@ -63,9 +63,12 @@ def model_dir(name: str, workdir: Path) -> Path:
     return path
 
 
-def build(kind: str, path: Path, kl_coef: float):
-    """One trainer ("trl" or "nanopost") on TINY_CPU's batch shape: 8 prompts x 8 responses, 8 new tokens."""
-    cfg = Preset.TINY_CPU.make(model=str(path), out_dir=tempfile.mkdtemp(), run_name=kind, micro_batch_size=32)
+def build(kind: str, path: Path, kl_coef: float, shared_prompt: bool = False):
+    """One trainer ("trl" or "nanopost") on TINY_CPU's batch shape: 8 prompts x 8 responses, 8 new tokens; the
+    adapter with each prompt through the model once or not (`shared_prompt`)."""
+    cfg = Preset.TINY_CPU.make(
+        model=str(path), out_dir=tempfile.mkdtemp(), run_name=kind, micro_batch_size=32, shared_prompt=shared_prompt
+    )
     args = to_grpo_config(cfg, num_processes=1, uses_reference=kl_coef != 0, reward_weights=[1.0])
     args.beta, args.loss_type, args.use_bias_correction_kl = kl_coef, "grpo", False
     instances = resolve_tasks("addition", "train")
@@ -123,11 +126,11 @@ def count_forwards(trainer, cfg) -> Counter:
     return counts
 
 
-def peak_memory(kind: str, path: Path, kl_coef: float, steps: int) -> float:
+def peak_memory(kind: str, path: Path, kl_coef: float, steps: int, shared_prompt: bool) -> float:
     """Peak memory (MB) of `steps` steps of one trainer in a fresh child process: CUDA peak on GPU, else max RSS."""
     code = (
         "import json, resource, sys, torch; sys.path.insert(0, 'benchmarks'); import overhead as o; "
-        f"t, c = o.build({kind!r}, o.Path({str(path)!r}), {kl_coef}); "
+        f"t, c = o.build({kind!r}, o.Path({str(path)!r}), {kl_coef}, {shared_prompt}); "
         f"[o.one_step(t, c, s) for s in range({steps})]; "
         "cuda = torch.cuda.is_available(); "
         "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if cuda else "
@@ -143,12 +146,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--kl_coef", type=float, default=0.0)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument(
+        "--shared_prompt", action="store_true", help="the adapter with shared_prompt=True (default off)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     workdir = Path(tempfile.mkdtemp())
     for name in args.models:
         path = model_dir(name, workdir)
-        (trl_trainer, cfg), (ours, _) = build("trl", path, args.kl_coef), build("nanopost", path, args.kl_coef)
+        (trl_trainer, cfg), (ours, _) = (
+            build("trl", path, args.kl_coef),
+            build("nanopost", path, args.kl_coef, args.shared_prompt),
+        )
         ours.model.load_state_dict(copy.deepcopy(trl_trainer.model.state_dict()))
         forwards = {"trl": count_forwards(trl_trainer, cfg), "nanopost": count_forwards(ours, cfg)}
         times: dict[str, list[float]] = {"trl": [], "nanopost": []}
@@ -165,7 +174,10 @@ def main() -> None:
                 if step > args.warmup:
                     times[kind].append(elapsed)
         median = {kind: statistics.median(values) for kind, values in times.items()}
-        memory = {kind: peak_memory(kind, path, args.kl_coef, steps=3) for kind in ("trl", "nanopost")}
+        memory = {
+            kind: peak_memory(kind, path, args.kl_coef, steps=3, shared_prompt=args.shared_prompt)
+            for kind in ("trl", "nanopost")
+        }
         result = {
             "model": name,
             "kl_coef": args.kl_coef,
