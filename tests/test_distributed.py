@@ -88,6 +88,23 @@ def test_groups_are_whole_prompts_and_loss_metrics_are_means_over_the_processes_
     assert [row["loss_only_rank1"] for row in rows[1:]] == [3.0] * 3  # ... that computed them
 
 
+def test_step_normalised_losses_equal_trl_over_two_processes(tmp_path):
+    """DAPO, CISPO, VESPO (and DAPO's entropy-quantile mask) normalise by the step's token count over processes:
+    gradient-equal to TRL's own when the processes hold unequal token counts."""
+    result = accelerate_launch(str(SCRIPTS / "ddp_loss_family.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"family-{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["tokens"] != reports[1]["tokens"]
+    assert (
+        reports[0]["num_items_in_batch"]
+        == reports[1]["num_items_in_batch"]
+        == reports[0]["tokens"] + reports[1]["tokens"]
+    )
+    for report in reports:
+        for case in ("dapo", "cispo", "vespo", "dapo-top-entropy"):
+            assert report[case] < 1e-5, (case, report[case])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
 def test_gated_loss_with_every_row_skipped_on_one_process(tmp_path, lora_r):

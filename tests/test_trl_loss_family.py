@@ -48,6 +48,7 @@ def grpo_args(tmp_path, **options) -> GRPOConfig:
         bf16=False,
         activation_checkpointing=False,
         use_bias_correction_kl=False,
+        use_cpu=not torch.cuda.is_available(),  # under torchrun on CPU: gloo, as a run's config (to_grpo_config)
     )
     return GRPOConfig(**(settings | options))
 
@@ -195,7 +196,11 @@ def accumulated_grads(trainer: GRPOTrainer, inputs: dict) -> dict[str, torch.Ten
     trainer.current_gradient_accumulation_steps = ACCUMULATION
     parts = micro_batches(inputs)
     tokens = [part["completion_mask"].sum().item() for part in parts]
-    assert tokens[0] != tokens[1] and sum(tokens) == inputs["num_items_in_batch"].item()
+    assert tokens[0] != tokens[1]
+    if torch.distributed.is_initialized():  # the step's count spans every process's tokens
+        assert sum(tokens) < inputs["num_items_in_batch"].item()
+    else:
+        assert sum(tokens) == inputs["num_items_in_batch"].item()
     for part in parts:
         trainer._compute_loss(trainer.model, part).backward()
     return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
