@@ -172,6 +172,7 @@ def tool_episodes(
     """The final assistant texts of multi-turn episodes, `samples` consecutive rows per instance (module docstring)."""
     from trl.chat_template_utils import parse_response
 
+    multiturn.check_tool_template(tokenizer, model.name_or_path)  # and the tool-call parser, as training sets it
     budget = generation_config.max_new_tokens
     one_each = GenerationConfig(**{**generation_config.to_dict(), "num_return_sequences": 1})
     counts: collections.Counter[str] = collections.Counter()  # eval's tool failures are not training's

@@ -50,14 +50,22 @@ def tool_model_dir(tmp_path_factory) -> str:
     """A 2-layer Llama over SmolLM2's tokenizer, fitted to one episode: call the calculator, then answer."""
     tokenizer = smollm_tokenizer()
     prompt = multiplication.make_instance(7, 43).prompt
-    episode = [
-        *prompt,
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-            "name": "calculator", "arguments": {"expression": "7 * 43"}}}]},
-        {"role": "tool", "name": "calculator", "content": "301"},
-        {"role": "assistant", "content": ANSWER},
-    ]  # fmt: skip
-    ids = torch.tensor([tokenizer.apply_chat_template(episode, tools=[calculator], tokenize=True, return_dict=False)])
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "calculator", "arguments": {"expression": "7 * 43"}}}]}  # fmt: skip
+    result, answer = {"role": "tool", "name": "calculator", "content": "301"}, {"role": "assistant", "content": ANSWER}
+
+    def render(messages: list, generation_prompt: bool = False) -> list[int]:
+        return tokenizer.apply_chat_template(
+            messages, tools=[calculator], add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+
+    ids = render([*prompt, call, result, answer])
+    spans = [
+        (len(render(prompt, True)), len(render([*prompt, call]))),
+        (len(render([*prompt, call, result], True)), len(ids)),
+    ]
+    targets = torch.tensor([position for start, end in spans for position in range(start, end)])  # the model's turns
+    ids = torch.tensor([ids])
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -66,12 +74,13 @@ def tool_model_dir(tmp_path_factory) -> str:
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=ids).loss
+    for _ in range(160):  # the LM head on the target positions only: the 49k vocabulary is the cost
+        hidden = model.model(input_ids=ids).last_hidden_state[0, targets - 1]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[0, targets])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert loss.item() < 0.05
+    assert loss.item() < 0.03
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path = tmp_path_factory.mktemp("tool_llama")
@@ -88,7 +97,7 @@ def tool_instances(*tools, n: int = 4, **fields) -> list[base.TaskInstance]:
 def tool_cfg(model_dir: str, tmp_path, **overrides):
     return Preset.TINY_SMOKE.make(**{
         "model": model_dir, "chat_template": "qwen2_5", "out_dir": str(tmp_path), "run_name": "tools", "num_steps": 1,
-        "prompts_per_step": 2, "responses_per_prompt": 2, "micro_batch_size": 4, "max_new_tokens": 64,
+        "prompts_per_step": 2, "responses_per_prompt": 2, "micro_batch_size": 4, "max_new_tokens": 96,
         "temperature": 0.1, "eval_size": 2, **overrides,
     })  # fmt: skip
 
@@ -132,7 +141,10 @@ def test_a_tool_episode_runs_through_trl_loop_masked_logged_and_evaluated(tool_m
     assert episode[1]["content"] == "301" and episode[2]["content"] == ANSWER
     # the loss mask: the model's tokens count, the tool result's (rendered by the template) do not
     tokenizer = trainer.grpo_trainer.processing_class
-    suffix = tokenizer("<|im_end|>\n<|im_start|>user\n<tool_response>\n301\n</tool_response><|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]  # noqa: E501
+    suffix = tokenizer(
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n301\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )["input_ids"]  # noqa: E501
     call_length = len(tokenizer(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"])
     mask = loss.masks[0][0]
     assert mask[:call_length].all() and not mask[call_length : call_length + len(suffix) - 1].any()
@@ -179,16 +191,18 @@ def non_string(expression: str) -> str:
     [(raising, "errors", "calculator is broken"), (hanging, "timeouts", "time limit"),
      (non_string, "non_string", "returned a int")],
 )  # fmt: skip
-def test_a_failing_tool_becomes_the_result_is_counted_and_the_run_goes_on(tool_model_dir, tmp_path, tool, kind, message):
+def test_a_failing_tool_becomes_the_result_is_counted_and_the_run_goes_on(
+    tool_model_dir, tmp_path, tool, kind, message
+):
     reward = Episodes()
     tool = type(tool)(tool.__code__, tool.__globals__, "calculator")  # the name the model calls
-    tool.__doc__, tool.__annotations__ = raising.__doc__, raising.__annotations__
+    tool.__doc__, tool.__annotations__ = calculator.__doc__, calculator.__annotations__  # the schema it was fitted to
     cfg = tool_cfg(tool_model_dir, tmp_path, tool_timeout_s=0.3, num_steps=2, eval_size=0)
     summary = Trainer(cfg).run(loss_fn=GRPOLoss(kl_coef=0.0), tasks=tool_instances(tool), reward_fn=reward)
     rows = read_rows(summary.log_path)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert all(row[f"tool_{kind}"] == 4 and row["tools_failure_frequency"] == 1.0 for row in rows if "loss" in row)
-    assert all(message in reward.seen[0][1]["content"] and reward.seen[0][1]["role"] == "tool" for _ in [0])
+    assert reward.seen[0][1]["role"] == "tool" and message in reward.seen[0][1]["content"]  # the error is the result
 
 
 class CalculatorEnv:
@@ -227,9 +241,9 @@ def test_eval_episode_parses_executes_and_grades_the_final_answer(tool_model_dir
     model = AutoModelForCausalLM.from_pretrained(tool_model_dir)
     right = tool_instances(calculator, n=1)
     wrong = [dataclasses.replace(right[0], eval_fn=AnswerGrader(grade_numeric, "300"))]
-    assert held_out_accuracy(model, tokenizer, right + wrong, max_new_tokens=64) == {"multiplication": 0.5}
+    assert held_out_accuracy(model, tokenizer, right + wrong, max_new_tokens=96) == {"multiplication": 0.5}
     # no tool-calling rounds allowed: the call is the final message, and holds no answer
-    assert held_out_accuracy(model, tokenizer, right, 64, max_tool_calling_iterations=0) == {"multiplication": 0.0}
+    assert held_out_accuracy(model, tokenizer, right, 96, max_tool_calling_iterations=0) == {"multiplication": 0.0}
 
 
 def test_a_template_without_tool_syntax_names_the_model_and_the_fix(tmp_path):
