@@ -14,9 +14,10 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 
 from __future__ import annotations
 
+import collections
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -24,19 +25,31 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, trl_bridge
+from nanopost_trl import base, learner, multiturn, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
+
+TOOL_FAILURES = ("errors", "timeouts", "non_string")  # tool calls that failed, by kind (multiturn.guarded_call)
 
 
 class NanopostGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose loss and advantage estimator come from a `LossFn`."""
 
     def __init__(
-        self, *args: Any, loss_fn: base.LossFn, instances: Sequence[base.TaskInstance], cfg: TrainConfig, **kwargs: Any
+        self,
+        *args: Any,
+        loss_fn: base.LossFn,
+        instances: Sequence[base.TaskInstance],
+        cfg: TrainConfig,
+        tools: Sequence[Callable] = (),
+        environment_factory: Callable | None = None,
+        **kwargs: Any,
     ) -> None:
         trl_bridge.check_trl()
         self.loss_fn, self.instances, self.cfg = loss_fn, instances, cfg
+        # tools and environments go to TRL's tool loop, each call guarded (errors, non-strings, time-outs counted)
+        self.tool_counts: collections.Counter[str] = collections.Counter()
+        kwargs |= multiturn.guarded_tool_loop(tools, environment_factory, self.tool_counts, cfg.tool_timeout_s)
         self.actor = learner.ActorCopy(cfg.sync_interval)
         self.reference = learner.ReferenceOffload(cfg.offload_reference)
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
@@ -63,15 +76,24 @@ class NanopostGRPOTrainer(GRPOTrainer):
         """The text tokenizer (of a multimodal processor too)."""
         return getattr(self.processing_class, "tokenizer", self.processing_class)
 
-    # --- rewards: keep the step's per-function rewards; log grader errors, time-outs and per-task means
+    def weighted_rewards(self, components: torch.Tensor) -> torch.Tensor:
+        """(N,) from (N, C): TRL's weighted sum, a NaN component (an environment's `get_reward` gave None) skipped."""
+        return (components * self.reward_weights.to(components.device)).nansum(dim=1)
+
+    # --- rewards: keep the step's per-function rewards; log grader errors, time-outs, tool use and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self.step_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self.step_texts = (prompts, completions)
-        counts = [func.take_counts() for func in self.reward_funcs]
+        counts = [func.take_counts() for func in self.reward_funcs if hasattr(func, "take_counts")]  # not get_reward
         log_metrics(
             self, {"reward_errors": sum(c[0] for c in counts), "reward_timeouts": sum(c[1] for c in counts)}, "sum"
         )
-        rewards = self.step_rewards @ self.reward_weights.to(self.step_rewards.device)
+        if self.tools:  # multi-turn episodes: turns, calls, malformed calls, failed calls by kind
+            failures = dict(self.tool_counts)
+            self.tool_counts.clear()  # the guarded tools hold this Counter
+            log_metrics(self, multiturn.episode_stats(completions, multiturn.tool_call_marker(self.tokenizer)))
+            log_metrics(self, {f"tool_{kind}": float(failures.get(kind, 0)) for kind in TOOL_FAILURES}, "sum")
+        rewards = self.weighted_rewards(self.step_rewards)
         task_names = [self.instances[i].name for i in gather_object([x["instance_id"] for x in inputs])]
         log_metrics(
             self,
@@ -122,7 +144,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 output["old_per_token_logps"] = self._policy_logprobs(self.model, output, scoring=True)[0]
         components, self.step_rewards = self.step_rewards, None
-        rewards = components @ self.reward_weights.to(components.device)
+        rewards = self.weighted_rewards(components)
         advantages, keep = learner.group_advantages(
             self.loss_fn, rewards, components, self.reward_func_names, self.num_generations
         )

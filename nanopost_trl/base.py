@@ -128,15 +128,33 @@ def group_normalized_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class TaskInstance:
-    """One prompt and its grader. `eval_fn(completion) -> score` (1.0 correct, 0.0 wrong for exact graders)."""
+    """One prompt and its grader. `eval_fn(completion) -> score` (1.0 correct, 0.0 wrong for exact graders).
+
+    A tool task also gives `tools` (plain functions with type hints and a docstring, as TRL's GRPOTrainer takes them)
+    and/or an `environment_factory` (a class or callable making an object with `reset(**kwargs)`, public methods the
+    model may call as tools, and optionally `get_reward()`, as TRL's `environment_factory`). Its completions are then
+    multi-turn episodes run by TRL's tool loop, in training and in the held-out evaluation alike; `eval_fn` grades the
+    final assistant message. Tools run in-process with the arguments the model wrote: treat them as untrusted.
+    """
 
     name: str
     prompt: Prompt
     eval_fn: Callable[[str], float]
+    tools: tuple[Callable[..., str], ...] = ()
+    environment_factory: Callable[[], Any] | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or self.environment_factory is not None
 
 
 class RewardFn(abc.ABC):
-    """Scores decoded completions: `reward_fn(completions, instances) -> list[float]`, one score each."""
+    """Scores decoded completions: `reward_fn(completions, instances) -> list[float]`, one score each.
+
+    Of a tool task, `completions` are the final assistant texts; a `__call__` that declares a keyword `episodes=None`
+    also gets each episode's messages (assistant turns with `tool_calls`, `tool` results), and one that declares
+    `environments` each episode's environment instance (see `rewards.RewardAdapter`).
+    """
 
     name: str = "reward"
 

@@ -61,6 +61,20 @@ class TrainConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for rollouts."})
+    # --- tool tasks (tasks whose instances carry tools or an environment; others ignore these)
+    max_tool_calling_iterations: int = field(
+        default=4, metadata={"help": "Tool-calling rounds per episode, in training and eval (TRL's option)."}
+    )
+    tool_timeout_s: float = field(
+        default=10.0, metadata={"help": "Seconds a tool call may run; past it, the error is the tool's result."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Replace the tokenizer's chat template: a TRL-shipped name ('qwen2_5': ChatML with <tool_call> "
+            "tags, gives SmolLM2 tool calls) or a .jinja file, of the model's own chat format."
+        },
+    )
     # --- actor / learner
     sync_interval: int = field(
         default=1,
@@ -213,6 +227,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.logprob_vocab_chunk must be >= 1 (or None), got {self.logprob_vocab_chunk}")
         if self.refill_rounds < 0:
             raise ValueError(f"TrainConfig.refill_rounds must be >= 0, got {self.refill_rounds}")
+        if self.max_tool_calling_iterations < 0 or self.tool_timeout_s <= 0:
+            raise ValueError(
+                "TrainConfig.max_tool_calling_iterations must be >= 0 and tool_timeout_s > 0, got "
+                f"{self.max_tool_calling_iterations} and {self.tool_timeout_s}"
+            )
         if self.eval_pass_k == 1 or self.eval_pass_k < 0:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
         if self.vllm_mode not in VLLM_MODES:
@@ -575,6 +594,7 @@ def to_grpo_config(
         beta=1.0 if uses_reference else 0.0,
         num_iterations=cfg.num_iterations,
         mask_truncated_completions=cfg.mask_truncated_completions,
+        max_tool_calling_iterations=cfg.max_tool_calling_iterations,
         reward_weights=reward_weights,
         seed=cfg.seed,
         logging_steps=1,

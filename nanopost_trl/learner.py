@@ -347,7 +347,7 @@ class CompletionsLog:
                     "step": step,
                     "task": tasks[row],
                     "prompt": text_of(prompts[row]),
-                    "completion": text_of(completions[row]),
+                    "completion": text_of(completions[row], role="assistant"),
                     "reward": rewards[row].item(),
                     "advantage": advantages[row].item(),
                 },

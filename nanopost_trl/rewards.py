@@ -25,6 +25,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import inspect
 import math
@@ -33,13 +34,14 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from nanopost_trl.base import RewardFn, TaskInstance
 from nanopost_trl.utils import text_of
 
 DEFAULT_TIMEOUT_S = 5.0
 ALARM_REPEAT_S = 0.05
+T = TypeVar("T")
 REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
 
 # The counters of the open `counting_graders()` blocks, innermost last (any thread's graders count in it).
@@ -65,13 +67,13 @@ def _raise_timeout(signum: int, frame: object) -> None:
     raise GraderTimeout
 
 
-def _call_with_alarm(eval_fn: Callable[[str], float], completion: str, timeout_s: float) -> float:
+def _call_with_alarm(function: Callable[[], T], timeout_s: float) -> T:
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
     collecting = gc.isenabled()
     gc.disable()
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s, ALARM_REPEAT_S)
-        return eval_fn(completion)
+        return function()
     finally:  # disarm first (a late alarm landing here is caught and the disarm retried), then restore the handler
         while True:
             try:
@@ -84,12 +86,12 @@ def _call_with_alarm(eval_fn: Callable[[str], float], completion: str, timeout_s
             gc.enable()
 
 
-def _call_in_worker(eval_fn: Callable[[str], float], completion: str, timeout_s: float) -> float:
+def _call_in_worker(function: Callable[[], T], timeout_s: float) -> T:
     outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
-            outcome["score"] = eval_fn(completion)
+            outcome["result"] = function()
         except BaseException as error:  # noqa: B036 -- handed back to the caller's thread below
             outcome["error"] = error
 
@@ -101,19 +103,28 @@ def _call_in_worker(eval_fn: Callable[[str], float], completion: str, timeout_s:
         raise GraderTimeout
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return outcome["score"]  # type: ignore[return-value]
+    return outcome["result"]  # type: ignore[return-value]
+
+
+def check_timeout(timeout_s: float) -> None:
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+
+
+def call_with_timeout(function: Callable[[], T], timeout_s: float) -> T:
+    """`function()`, or `GraderTimeout` raised once it has run `timeout_s` seconds (the mechanism above)."""
+    check_timeout(timeout_s)
+    in_main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    return (_call_with_alarm if in_main_thread else _call_in_worker)(function, timeout_s)
 
 
 def safe_grade(eval_fn: Callable[[str], float], completion: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
     """`float(eval_fn(completion))`, or NaN if the grader raised or ran past `timeout_s` seconds (counted as
     "errors" / "timeouts" by the enclosing `counting_graders()`, if any)."""
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    in_main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-    call = _call_with_alarm if in_main_thread else _call_in_worker
+    check_timeout(timeout_s)
     counts = _grader_counts[-1] if _grader_counts else collections.Counter()  # outside a block: nobody counts
     try:
-        return float(call(eval_fn, completion, timeout_s))
+        return float(call_with_timeout(functools.partial(eval_fn, completion), timeout_s))
     except GraderTimeout:
         counts["timeouts"] += 1
     except Exception:
@@ -212,6 +223,10 @@ class Combined(RewardFn):
 class RewardAdapter:
     """A TRL reward function (`f(prompts, completions, instance_id, **kwargs)`) around a nanopost `RewardFn`.
 
+    The RewardFn gets each completion's final text (of a multi-turn tool episode: the last assistant message's); one
+    that declares a keyword `episodes=None` also gets each completion's messages (assistant turns with their parsed
+    `tool_calls`, and the `tool` results), and one that declares `environments` the episode's environment instances.
+
     A grader that raises, or a score that is NaN/inf/not a number, scores 0.0 and is counted in `errors`; graders
     that ran past their time limit are counted in `timeouts` too. `take_counts()` reads and clears both.
     """
@@ -220,16 +235,19 @@ class RewardAdapter:
         check_reward_fn_signature(reward_fn)
         self.reward_fn = reward_fn
         self.instances = instances
+        self.extra_arguments = [name for name in ("episodes", "environments") if accepts_keyword(reward_fn, name)]
         self.__name__ = getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", type(reward_fn).__name__)
         self.errors = 0
         self.timeouts = 0
 
     def __call__(self, prompts: list, completions: list, instance_id: list[int], **kwargs: Any) -> list[float]:
-        texts = [text_of(c) for c in completions]
+        texts = [text_of(c, role="assistant") for c in completions]
         batch = [self.instances[i] for i in instance_id]
+        extra = {"episodes": [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]}
+        extra["environments"] = kwargs.get("environments")
         with counting_graders() as counts:
             try:
-                scores = list(self.reward_fn(texts, batch))
+                scores = list(self.reward_fn(texts, batch, **{k: extra[k] for k in self.extra_arguments}))
             except Exception as error:  # a crashed reward never kills the run
                 warnings.warn(f"reward {self.__name__!r} raised {error!r}; scoring this batch 0", stacklevel=2)
                 scores = [math.nan] * len(texts)
@@ -245,6 +263,14 @@ class RewardAdapter:
         counts = self.errors, self.timeouts
         self.errors = self.timeouts = 0
         return counts
+
+
+def accepts_keyword(function: Callable, name: str) -> bool:
+    """Whether `function` declares a parameter `name` (a bare `**kwargs` does not count)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def to_finite_score(score: Any) -> float | None:

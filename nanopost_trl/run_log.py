@@ -167,8 +167,9 @@ class RunLogger(TrainerCallback):
         shard = self.eval_instances[rank::world]
         model = trainer.accelerator.unwrap_model(trainer.model)
         score = functools.partial(
-            held_out_accuracy, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size
-        )
+            held_out_accuracy, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
+            max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
+        )  # fmt: skip
         metrics = self.reduce_over_processes(shard, score(), "accuracy")
         if cfg.eval_pass_k:
             best_of_k = score(samples=cfg.eval_pass_k, temperature=cfg.temperature, seed=cfg.seed + rank)

@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from nanopost_trl import base, hub, memory, trl_bridge
+from nanopost_trl import base, hub, memory, multiturn, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig, latest_checkpoint, output_paths, run_to_resume, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
@@ -64,6 +64,11 @@ class Trainer:
         # model
         model, tokenizer = load_model_and_tokenizer(cfg)
         check_chat_template(tokenizer, [*train_instances, *eval_instances], cfg.model)
+        tools, environment_factory = multiturn.run_tools(train_instances)
+        if cfg.chat_template is not None:
+            multiturn.use_chat_template(tokenizer, cfg.chat_template, cfg.model)
+        if any(instance.uses_tools for instance in [*train_instances, *eval_instances]):
+            multiturn.check_tool_template(tokenizer, cfg.model)
         # trainer
         trainer = NanopostGRPOTrainer(
             model=model,
@@ -77,6 +82,8 @@ class Trainer:
             train_dataset=build_dataset(train_instances),
             processing_class=tokenizer,
             peft_config=lora_config(cfg),
+            tools=tools,
+            environment_factory=environment_factory,
             loss_fn=loss_fn,
             instances=train_instances,
             cfg=cfg,

@@ -129,6 +129,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def text_of(value: str | list[dict[str, Any]]) -> str:
-    """The text of a prompt or completion: itself, or a chat's last message's content (TRL's conversational form)."""
-    return value if isinstance(value, str) else value[-1]["content"]
+def text_of(value: str | list[dict[str, Any]], role: str | None = None) -> str:
+    """The text of a prompt or completion: itself, or the content of a chat's last message (of `role`, if given;
+    "" when there is none): TRL's conversational form, a multi-turn episode's final assistant reply."""
+    if isinstance(value, str):
+        return value
+    messages = [message for message in value if role is None or message["role"] == role]
+    return messages[-1]["content"] if messages else ""

@@ -26,6 +26,7 @@ TASK_MODULES: dict[str, str] = {
     "countdown": "countdown",
     "gsm8k": "gsm8k",
     "math": "math",
+    "multiplication": "multiplication",
 }
 
 

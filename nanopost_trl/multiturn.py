@@ -1,0 +1,201 @@
+"""Tool tasks: multi-turn episodes, run in training by TRL's own tool loop (GRPOTrainer's `tools`,
+`environment_factory`, `max_tool_calling_iterations`), and the same loop, greedy, in the held-out evaluation.
+
+- `run_tools(instances)`: the one set of tools / environment factory a run hands TRL.
+- `guarded(tool, counts, timeout_s)` / `guarded_environments(factory, ...)`: a tool (or an environment's tool method)
+  whose exception, non-string result or time-out becomes the tool's result, so the episode goes on and is scored. TRL's
+  loop turns the raised error into the tool message `{'error': '...'}` and counts it in `tools/failure_frequency`;
+  `counts` tells the kinds apart ("errors", "timeouts", "non_string"). The time limit is `rewards.call_with_timeout`'s.
+- `use_chat_template` / `check_tool_template`: a chat template that renders tools and tool results, and a parser TRL
+  knows for the model's tool calls (`trl.chat_template_utils.add_response_schema`), else a clear error.
+
+Safety: a tool runs in this process with the arguments the model wrote. Treat them as untrusted input: parse them,
+never `eval` or `exec` them, and never hand them to a shell (the built-in `calculator` parses two numbers and one
+operator). The time limit interrupts pure-Python code only; a tool stuck inside one C call is not stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nanopost_trl.base import TaskInstance
+from nanopost_trl.rewards import GraderTimeout, call_with_timeout
+
+DEFAULT_TOOL_TIMEOUT_S = 10.0
+NOT_TOOLS = ("reset", "get_reward")  # an environment's public methods that TRL does not offer the model
+
+
+class ToolTimeout(Exception):
+    """A tool ran past its time limit (an Exception, so TRL's tool loop turns it into the tool's result)."""
+
+
+def run_tools(instances: Sequence[TaskInstance]) -> tuple[list[Callable], Callable | None]:
+    """The tools and environment factory of a run's training instances: TRL's loop offers one set per run."""
+    kinds = {(instance.tools, instance.environment_factory) for instance in instances}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the training tasks carry {len(kinds)} different sets of tools / environment factories, but TRL's tool "
+            "loop offers one set per run: train tasks with the same tools together (tasks without tools apart)"
+        )
+    tools, factory = kinds.pop()
+    return list(tools), factory
+
+
+def guarded_call(function: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> str:
+    """`function()` if it returns a str within `timeout_s`; else raise, counting the kind of failure in `counts`."""
+    try:
+        result = call_with_timeout(function, timeout_s)
+    except GraderTimeout:
+        counts["timeouts"] += 1
+        raise ToolTimeout(f"tool {name} ran past its {timeout_s:g} s time limit") from None
+    except Exception:
+        counts["errors"] += 1
+        raise
+    if not isinstance(result, str):
+        counts["non_string"] += 1
+        raise TypeError(f"tool {name} returned a {type(result).__name__}, not a str")
+    return result
+
+
+def guarded(tool: Callable[..., str], counts: collections.Counter[str], timeout_s: float) -> Callable[..., str]:
+    """`tool` under `guarded_call`, with its name, signature and docstring (TRL renders its schema from them)."""
+    if not inspect.isfunction(tool) and not inspect.ismethod(tool):
+        raise TypeError(f"a tool must be a function with type hints and a docstring, got {type(tool).__name__}")
+
+    @functools.wraps(tool)
+    def call(**arguments: Any) -> str:
+        return guarded_call(functools.partial(tool, **arguments), tool.__name__, counts, timeout_s)
+
+    return call
+
+
+def guarded_environments(
+    factory: Callable[[], Any], counts: collections.Counter[str], timeout_s: float
+) -> Callable[[], Any]:
+    """`factory`, making environments whose tool methods run under `guarded_call` (one subclass per environment
+    class, so TRL's `get_reward` column, matched by exact type, still finds every instance)."""
+    subclasses: dict[type, type] = {}
+
+    def guarded_method(method: Callable[..., str]) -> Callable[..., str]:
+        @functools.wraps(method)
+        def call(self: Any, **arguments: Any) -> str:
+            return guarded_call(functools.partial(method, self, **arguments), method.__name__, counts, timeout_s)
+
+        return call
+
+    def make() -> Any:
+        environment = factory()
+        cls = type(environment)
+        if cls not in subclasses:
+            methods = {name: guarded_method(method) for name, method in tool_methods(cls)}
+            subclasses[cls] = type(cls.__name__, (cls,), {**methods, "__qualname__": cls.__qualname__})
+        environment.__class__ = subclasses[cls]
+        return environment
+
+    return make
+
+
+def guarded_tool_loop(
+    tools: Sequence[Callable], environment_factory: Callable | None, counts: collections.Counter[str], timeout_s: float
+) -> dict[str, Any]:
+    """GRPOTrainer's `tools` and `environment_factory` arguments, every tool call guarded and counted in `counts`."""
+    arguments: dict[str, Any] = {"tools": [guarded(tool, counts, timeout_s) for tool in tools] or None}
+    if environment_factory is not None:
+        arguments["environment_factory"] = guarded_environments(environment_factory, counts, timeout_s)
+    return arguments
+
+
+def tool_methods(cls: type) -> list[tuple[str, Callable]]:
+    """The methods of an environment class that TRL offers the model as tools (public, not reset/get_reward)."""
+    return [
+        (name, method)
+        for name, method in inspect.getmembers(cls, predicate=inspect.isfunction)
+        if not name.startswith("_") and name not in NOT_TOOLS
+    ]
+
+
+def environment_tools(environment: Any) -> list[Callable]:
+    """An environment instance's bound tool methods."""
+    return [getattr(environment, name) for name, _ in tool_methods(type(environment))]
+
+
+# --- chat templates that render tools and parse tool calls
+def trl_chat_templates() -> dict[str, Path]:
+    """The chat templates TRL ships (name -> .jinja file), without their `_training` variants."""
+    import trl
+
+    files = (Path(trl.__file__).parent / "chat_templates").glob("*.jinja")
+    return {path.stem: path for path in sorted(files) if not path.stem.endswith("_training")}
+
+
+def use_chat_template(tokenizer: Any, template: str, model: str) -> None:
+    """Give `tokenizer` the chat template `template`: a TRL-shipped name ('qwen2_5': ChatML with `<tool_call>` tags,
+    for ChatML models such as SmolLM2) or a .jinja file. Its `<|...|>` markers must be tokens of the model's own
+    vocabulary, i.e. the template must be of the model's chat format."""
+    shipped = trl_chat_templates()
+    if template in shipped:
+        text = shipped[template].read_text()
+    elif template.endswith(".jinja") and Path(template).expanduser().is_file():
+        text = Path(template).expanduser().read_text()
+    else:
+        raise ValueError(f"unknown chat template {template!r}: a .jinja file, or one of TRL's: {', '.join(shipped)}")
+    vocabulary = tokenizer.get_vocab()
+    missing = sorted(set(re.findall(r"<\|[A-Za-z_]+\|>", text)) - vocabulary.keys())
+    if missing:
+        raise ValueError(
+            f"chat template {template!r} uses {', '.join(missing)}, which are not tokens of {model!r}: use a template "
+            "of the model's own chat format"
+        )
+    tokenizer.chat_template = text
+
+
+def check_tool_template(tokenizer: Any, model: str) -> None:
+    """A tool task needs a template that renders tool calls and results, and a parser for the model's tool calls
+    (set here, as TRL would, by `add_response_schema`): fail before training, naming the model and the fix."""
+    from trl.chat_template_utils import add_response_schema, supports_tool_calling
+
+    fix = (
+        "set TrainConfig.chat_template (--chat_template) to a tool-capable template of the model's chat format, e.g. "
+        "'qwen2_5' for a ChatML model such as SmolLM2-135M-Instruct (TRL's Qwen2.5 template: JSON tool calls in "
+        "<tool_call> tags)"
+    )
+    if not supports_tool_calling(tokenizer):
+        raise ValueError(f"the chat template of {model!r} cannot render tool calls and tool results: {fix}")
+    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
+        try:
+            add_response_schema(tokenizer)
+        except ValueError:
+            raise ValueError(
+                f"TRL has no parser for the tool calls of {model!r}'s chat template (it knows the templates it ships): "
+                f"{fix}, or set tokenizer.response_template"
+            ) from None
+
+
+def tool_call_marker(tokenizer: Any) -> str | None:
+    """The text that opens a tool call in the tokenizer's response parser ('<tool_call>'), if it names one."""
+    template = getattr(tokenizer, "response_template", None) or {}
+    return template.get("fields", {}).get("tool_calls", {}).get("open")
+
+
+def episode_stats(episodes: Sequence[Sequence[dict[str, Any]]], marker: str | None) -> dict[str, float]:
+    """Per-episode means: assistant turns, parsed tool calls, and malformed calls (an assistant turn that opens a
+    tool call, `marker`, but parsed to none: TRL then keeps it as plain text)."""
+    replies = [[message for message in episode if message["role"] == "assistant"] for episode in episodes]
+    turns = [len(episode) for episode in replies]
+    calls = [sum(len(message.get("tool_calls") or []) for message in episode) for episode in replies]
+    malformed = [
+        sum(bool(marker) and not message.get("tool_calls") and marker in message["content"] for message in episode)
+        for episode in replies
+    ]
+    count = max(len(episodes), 1)
+    return {
+        "tool_turns_mean": sum(turns) / count,
+        "tool_calls_mean": sum(calls) / count,
+        "tool_calls_malformed_mean": sum(malformed) / count,
+    }

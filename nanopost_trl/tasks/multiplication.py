@@ -1,0 +1,71 @@
+"""Multiplication with a calculator tool: "What is 7 * 43?", for real instruct LLMs that learn to call a tool.
+
+One-digit times two-digit (2 <= a <= 9, 10 <= b <= 99) and two-digit times two-digit (10 <= a, b <= 99) products,
+generated offline: the pairs are shuffled with a fixed seed, the first `TEST_SIZE` are "test" and the rest "train"
+(disjoint, the same on every machine). Each instance carries the `calculator` tool; the completion is a multi-turn
+episode (TRL's tool loop), and the `numeric` grader scores the final assistant message's last number.
+
+The prompt's system message says a calculator is available; the tool schema comes from `calculator`'s type hints and
+docstring. The model's chat template must render tools (`TrainConfig.chat_template`: 'qwen2_5' for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from nanopost_trl.base import TaskInstance
+from nanopost_trl.tasks.graders import AnswerGrader, grade_numeric
+
+NAME = "multiplication"
+SOURCE = "generated offline (with a calculator tool)"
+SPLITS = ("train", "test")
+SEED = 0
+TEST_SIZE = 500
+SYSTEM = "You are a helpful assistant. Use the calculator tool for arithmetic, then answer with just the number."
+MAX_OPERAND_CHARS = 30  # a longer number is not a calculator input (and keeps every call cheap)
+_EXPRESSION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)\s*")
+
+
+def calculator(expression: str) -> str:
+    """Evaluate one arithmetic operation on two numbers.
+
+    Args:
+        expression: Two numbers and one operator among + - * /, e.g. "7 * 43".
+    """
+    # The model wrote `expression`: it is parsed as two numbers and an operator, never evaluated as code.
+    match = _EXPRESSION.fullmatch(expression) if len(expression) <= 2 * MAX_OPERAND_CHARS + 8 else None
+    if match is None:
+        raise ValueError(f"expected two numbers and one operator (+ - * /), got {expression[:80]!r}")
+    left, operator, right = float(match[1]), match[2], float(match[3])
+    if operator == "/" and right == 0:
+        raise ValueError("division by zero")
+    value = {"+": left + right, "-": left - right, "/": left / right}.get(operator, left * right)
+    return str(int(value)) if value == int(value) else f"{value:.6g}"
+
+
+def question(a: int, b: int) -> str:
+    """The user message for a * b."""
+    return f"What is {a} * {b}?"
+
+
+def operand_pairs(split: str) -> list[tuple[int, int]]:
+    """The (a, b) pairs of a split, in a fixed shuffled order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for task {NAME!r}; valid: {', '.join(SPLITS)}")
+    pairs = [(a, b) for a in range(2, 10) for b in range(10, 100)] + [
+        (a, b) for a in range(10, 100) for b in range(10, 100)
+    ]
+    random.Random(SEED).shuffle(pairs)
+    return pairs[:TEST_SIZE] if split == "test" else pairs[TEST_SIZE:]
+
+
+def make_instance(a: int, b: int) -> TaskInstance:
+    """A chat TaskInstance for a * b with the calculator tool, graded by the numeric grader."""
+    prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(a, b)}]
+    return TaskInstance(NAME, prompt, AnswerGrader(grade_numeric, str(a * b)), tools=(calculator,))
+
+
+def load(split: str, data_dir: str | None = None) -> list[TaskInstance]:
+    """The instances of `split` ("train": 8320, "test": 500); `data_dir` is ignored (nothing is downloaded)."""
+    return [make_instance(a, b) for a, b in operand_pairs(split)]
