@@ -18,7 +18,7 @@ from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import convert_field, make_dataclass
 
 # Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
-# fallback (CPU) the backward holds ~8 tile-sized fp32 temporaries, so a narrower tile (benchmarks/logprob_memory.py)
+# fallback (CPU) the backward holds several tile-sized fp32 temporaries, so a narrower tile (RESULTS.md, "Chunked log-probs")
 TRL_VOCAB_CHUNK, CPU_VOCAB_CHUNK = 32768, 4096
 VLLM_MODES = ("colocate", "server")
 COMPLETIONS_SUFFIX = "-completions.jsonl"  # out/{run_name}-completions.jsonl, next to the run log
@@ -177,7 +177,7 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "Vocabulary entries per fused LM-head tile. Default: TRL's 32768 where its Triton kernel runs "
-            f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds ~8 tile-sized temporaries."
+            f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds several tile-sized temporaries."
         },
     )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
@@ -295,7 +295,7 @@ class PresetSpec:
 class Preset(enum.Enum):
     """Rough (model, batch sizes, max_new_tokens) starting points; `Preset.X.make(**overrides) -> TrainConfig`."""
 
-    # measured in benchmarks/RESULTS.md: lr >= 2e-4 collapses, 8 prompts per step does not learn
+    # the learning rate and batch that learn here: benchmarks/RESULTS.md, "Embedded default"
     TINY_CPU = PresetSpec(
         dict(
             model=TINY_MODEL,
@@ -324,7 +324,7 @@ class Preset(enum.Enum):
         ),
         hardware="CPU",
     )
-    # a real instruct LLM on 2 CPU cores (the `smollm` extra); measured in benchmarks/RESULTS.md
+    # a real instruct LLM on 2 CPU cores (the `smollm` extra): benchmarks/RESULTS.md, "A real instruct LLM on CPU"
     SMOLLM_CPU = PresetSpec(
         dict(
             model="smollm2-135m-instruct",

@@ -120,6 +120,15 @@ def declares_backward_rows(loss_fn: base.LossFn) -> bool:
     return type(loss_fn).backward_rows is not base.LossFn.backward_rows
 
 
+def in_chunks(
+    score: Callable[[slice], tuple[torch.Tensor, torch.Tensor | None]], rows: int, batch_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """TRL's `(log-probs, entropies or None, router loss)` from `score(rows)`, `batch_size` rows at a time."""
+    parts = [score(slice(start, start + (batch_size or rows))) for start in range(0, rows, batch_size or rows)]
+    entropies = [part[1] for part in parts]
+    return torch.cat([part[0] for part in parts]), None if entropies[0] is None else torch.cat(entropies), None
+
+
 def materialized_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -135,25 +144,19 @@ def materialized_logprobs(
     log-softmax and entropy over them (as TRL did before its fused head). Padding scores 0, as fused."""
     if extra := sorted(name for name, value in kwargs.items() if value is not None and value is not False):
         raise ValueError(f"chunked_logprobs=False supports text-only dense models; got {', '.join(extra)}")
-    batch_size = batch_size or input_ids.size(0)
-    logprobs, entropies = [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        rows = slice(start, start + batch_size)
+
+    def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast():
             logits = model(
                 input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_to_keep=logits_to_keep + 1
             ).logits
         logits = logits[:, :-1].float().contiguous()  # a strided view would be copied by the entropy, again
-        row_logprobs, row_entropies = trl_bridge.full_logits_logprobs(
-            logits,
-            input_ids[rows, -logits_to_keep:],
-            attention_mask[rows, -logits_to_keep:],
-            temperature,
-            compute_entropy,
+        completion = slice(-logits_to_keep, None)
+        return trl_bridge.full_logits_logprobs(
+            logits, input_ids[rows, completion], attention_mask[rows, completion], temperature, compute_entropy
         )
-        logprobs.append(row_logprobs)
-        entropies.append(row_entropies)
-    return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
+
+    return in_chunks(score, input_ids.size(0), batch_size)
 
 
 def shared_prompt_pass(
@@ -168,13 +171,11 @@ def shared_prompt_pass(
     """TRL's `_get_per_token_logps_and_entropies` through the shared-prompt path (`nanopost_trl.shared_prompt`),
     `batch_size` rows at a time: the prompt (`input_ids[:, :-logits_to_keep]`, left-padded) once per distinct prompt
     of a chunk, then each completion."""
-    batch_size = batch_size or input_ids.size(0)
     prompt, completion = slice(None, -logits_to_keep), slice(-logits_to_keep, None)
-    logprobs, entropies = [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        rows = slice(start, start + batch_size)
+
+    def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast():
-            row_logprobs, row_entropies = shared_prompt_logprobs(
+            return shared_prompt_logprobs(
                 model,
                 input_ids[rows, prompt],
                 attention_mask[rows, prompt],
@@ -182,9 +183,8 @@ def shared_prompt_pass(
                 attention_mask[rows, completion],
                 compute_entropy,
             )
-        logprobs.append(row_logprobs)
-        entropies.append(row_entropies)
-    return torch.cat(logprobs), torch.cat(entropies) if compute_entropy else None, None
+
+    return in_chunks(score, input_ids.size(0), batch_size)
 
 
 def sampler_corrected(logprobs: torch.Tensor, importance_sampling_ratio: torch.Tensor) -> torch.Tensor:
