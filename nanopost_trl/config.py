@@ -18,7 +18,8 @@ from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import convert_field, make_dataclass
 
 # Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
-# fallback (CPU) the backward holds several tile-sized fp32 temporaries, so a narrower tile (RESULTS.md, "Chunked log-probs")
+# fallback (CPU) the backward holds several tile-sized fp32 temporaries, so a narrower tile
+# (benchmarks/RESULTS.md, "Chunked log-probs on a 152k vocabulary")
 TRL_VOCAB_CHUNK, CPU_VOCAB_CHUNK = 32768, 4096
 VLLM_MODES = ("colocate", "server")
 COMPLETIONS_SUFFIX = "-completions.jsonl"  # out/{run_name}-completions.jsonl, next to the run log
@@ -177,7 +178,7 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "Vocabulary entries per fused LM-head tile. Default: TRL's 32768 where its Triton kernel runs "
-            f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds several tile-sized temporaries."
+            f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds tile-sized temporaries."
         },
     )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
