@@ -245,6 +245,16 @@ def activation_bytes(
     return tokens * nbytes * (shape.num_layers * kept + _MODEL_HIDDEN * shape.hidden_size + checkpointing * layer)
 
 
+def learner_sequences(cfg: TrainConfig, micro: int, prompt_tokens: int) -> tuple[int, int]:
+    """(sequences, length) of the learner's grad-carrying forward over a micro-batch of `micro` completions: one row
+    each, or, with the shared prompt (micro-batches of whole groups), one packed row per prompt group: the prompt once
+    and its `responses_per_prompt` completions."""
+    group = cfg.responses_per_prompt
+    if cfg.shared_prompt and cfg.chunked_logprobs and micro % group == 0:
+        return micro // group, prompt_tokens + group * cfg.max_new_tokens
+    return micro, prompt_tokens + cfg.max_new_tokens
+
+
 def logits_bytes(
     vocab_size: int,
     positions: int,
@@ -377,7 +387,10 @@ def estimate(
     parts["generation transient"] = max(
         prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, scoring_pass if scored else 0
     )
-    parts["activations"] = activation_bytes(shape, micro, seq_len, nbytes, cfg.gradient_checkpointing, bool(lora))
+    sequences, learner_len = learner_sequences(cfg, micro, prompt_tokens)
+    parts["activations"] = activation_bytes(
+        shape, sequences, learner_len, nbytes, cfg.gradient_checkpointing, bool(lora)
+    )
     head_trained = not lora or "lm_head" in cfg.lora_target_modules  # peft's "all-linear" leaves the head out
     parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk, head_trained)
 
@@ -393,7 +406,7 @@ def estimate(
         + reference
         + max(
             parts["activations"] + parts["log-prob pass"] + grads_during_forward,
-            parts["gradients"] + activation_bytes(shape, micro, seq_len, nbytes, True, bool(lora)),
+            parts["gradients"] + activation_bytes(shape, sequences, learner_len, nbytes, True, bool(lora)),
         )
     )
     device_bytes = None if device_gb is None else int(device_gb * GIB)

@@ -190,3 +190,18 @@ def test_logits_term_of_both_log_prob_paths_is_within_15_percent_of_measured(bf1
     for setting, (measured, predicted) in terms.items():
         assert abs(predicted / measured - 1) <= BAND, (setting, predicted, measured)
     assert terms["full logits"][0] >= 8 * terms["fused, tile 4096"][0]
+
+
+def test_the_shared_prompt_packs_each_group_into_one_learner_row():
+    """With the shared prompt, the learner's grad-carrying forward holds one packed row per prompt group (the prompt
+    once, then its completions): fewer activations the longer the prompt; without it, one row per completion."""
+    cfg = Preset.SMOLLM_CPU.make()  # micro-batches of 32 = 4 groups of 8, 12 new tokens
+    assert memory.learner_sequences(cfg, 32, prompt_tokens=46) == (4, 46 + 8 * 12)
+    unshared = dataclasses.replace(cfg, shared_prompt=False)
+    assert memory.learner_sequences(unshared, 32, prompt_tokens=46) == (32, 46 + 12)
+    assert memory.learner_sequences(cfg, 12, prompt_tokens=46) == (12, 46 + 12)  # groups split: not whole
+    shared_gb, unshared_gb = (
+        memory.estimate(c, num_processes=1, uses_reference=False, prompt_tokens=300, on_gpu=False).parts["activations"]
+        for c in (cfg, unshared)
+    )
+    assert shared_gb < 0.5 * unshared_gb
