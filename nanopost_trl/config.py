@@ -181,6 +181,10 @@ class TrainConfig:
             f"(GPU), {CPU_VOCAB_CHUNK} on its torch fallback (CPU), whose backward holds tile-sized temporaries."
         },
     )
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "TRL's: Liger's layer kernels (Triton, GPU only; the loss path is unchanged)."},
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
     vllm_mode: str = field(
         default="colocate",
@@ -424,10 +428,11 @@ def _reports_to_wandb(report_to: str | list[str]) -> bool:
 
 
 _SET_FROM_BATCH = "set from prompts_per_step x responses_per_prompt (one generation batch per optimizer step)"
-_IN_TRL_LOSS = "it acts inside TRL's own loss, which the LossFn replaces: implement it in a LossFn"
+_LOSS_FIELD = "a field of the ratio losses (grpo, dapo, gspo, cispo, sapo, luspo, vespo, maxrl): --loss_args {}=VALUE"
 # TRL's names that differ from ours; TRL names equal to ours (learning_rate, warmup_steps, weight_decay, max_grad_norm,
-# temperature, top_p, num_iterations, seed, run_name, bf16, gradient_checkpointing, use_vllm, push_to_hub,
-# hub_model_id, lora_r, lora_alpha, lora_dropout, lora_target_modules) are TrainConfig fields already.
+# temperature, top_p, num_iterations, seed, run_name, bf16, gradient_checkpointing, use_vllm, vllm_mode, vllm_server_*,
+# push_to_hub, hub_model_id, lora_*, log_completions, num_completions_to_print, mask_truncated_completions,
+# max_tool_calling_iterations, use_liger_kernel) are TrainConfig fields already.
 TRL_NAMES: dict[str, TrlName] = {
     **{
         trl_name: TrlName(field)
@@ -464,18 +469,16 @@ TRL_NAMES: dict[str, TrlName] = {
             "save_strategy": "checkpoints every --save_every N steps (0: the final model only)",
             "eval_strategy": "held-out greedy eval every --eval_every N steps (0: start and end only)",
             "num_generations_eval": "held-out eval is greedy, one completion per prompt; --eval_pass_k K samples K",
-            "vllm_mode": "colocate mode only (--use_vllm)",
             "use_cpu": "set from whether a GPU is visible",
             "fp16": "mixed precision is bf16 only: --bf16",
             "use_peft": "LoRA is on when --lora_r > 0",
             "dataset_name": "the data comes from --tasks (see --list), or Trainer.run(tasks=...) from Python",
-            "top_entropy_quantile": _IN_TRL_LOSS,
-            "delta": _IN_TRL_LOSS,
-            "importance_sampling_level": _IN_TRL_LOSS,
-            "off_policy_mask_threshold": _IN_TRL_LOSS,
-            "entropy_coef": _IN_TRL_LOSS,
-            "use_adaptive_entropy": _IN_TRL_LOSS,
-            "use_liger_kernel": "it bypasses the LossFn (TRL's Liger loss replaces _compute_loss)",
+            **{name: _LOSS_FIELD.format(name) for name in ("top_entropy_quantile", "off_policy_mask_threshold")},
+            "entropy_coef": _LOSS_FIELD.format("entropy_coef"),
+            "delta": "a field of the clipped losses (grpo, dapo, gspo, luspo, maxrl): --loss_args delta=VALUE",
+            "importance_sampling_level": "--loss gspo (or --loss_args importance_sampling_level=sequence)",
+            "use_adaptive_entropy": "not offered: an adaptive coefficient needs the optimizer-step boundary, which a "
+            "LossFn does not see; a static --loss_args entropy_coef=VALUE is",
         }.items()
     },
 }
@@ -605,6 +608,7 @@ def to_grpo_config(
         bf16=cfg.bf16,
         activation_checkpointing=cfg.gradient_checkpointing,
         use_vllm=cfg.use_vllm,
+        use_liger_kernel=cfg.use_liger_kernel,
         vllm_mode=cfg.vllm_mode,
         vllm_server_host=cfg.vllm_server_host,
         vllm_server_port=cfg.vllm_server_port,
