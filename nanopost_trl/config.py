@@ -347,6 +347,27 @@ class Preset(enum.Enum):
         hardware="2 CPU cores",
         task="arithmetic",
     )
+    # SmolLM2 learns to call a calculator in 2 steps: benchmarks/RESULTS.md, "A real LLM learns to call a tool"
+    SMOLLM_TOOLS_CPU = PresetSpec(
+        dict(
+            model="smollm2-135m-instruct",
+            chat_template="qwen2_5",
+            num_steps=6,
+            prompts_per_step=4,
+            responses_per_prompt=8,
+            micro_batch_size=32,
+            max_new_tokens=96,
+            max_tool_calling_iterations=1,
+            temperature=0.7,
+            learning_rate=3e-5,
+            lr_schedule="constant",
+            bf16=True,
+            eval_every=2,
+            eval_size=64,
+        ),
+        hardware="2 CPU cores",
+        task="multiplication",
+    )
     QWEN_0_5B_SMOKE = PresetSpec(
         dict(
             model=QWEN_0_5B,

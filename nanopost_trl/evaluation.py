@@ -3,7 +3,8 @@
 A tool task's instances run multi-turn episodes as TRL's tool loop does in training: the model's tool calls parsed by
 TRL's `parse_response`, executed (guarded, as in training), their results rendered by the chat template and appended
 token by token, up to `max_tool_calling_iterations` rounds within `max_new_tokens` completion tokens (tool results
-included); eval_fn grades the final assistant message.
+included); eval_fn grades the final assistant message, and `held_out_scores` also gives each tool task's tool-call
+rate (the share of episodes with at least one call the parser read).
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     ]
 
 
+def held_out_accuracy(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """Mean eval_fn score per task name: `held_out_scores(...)["accuracy"]`."""
+    return held_out_scores(*args, **kwargs)["accuracy"]
+
+
 @torch.no_grad()
-def held_out_accuracy(
+def held_out_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     instances: list[TaskInstance],
@@ -44,11 +50,11 @@ def held_out_accuracy(
     seed: int = 0,
     max_tool_calling_iterations: int = 4,
     tool_timeout_s: float = multiturn.DEFAULT_TOOL_TIMEOUT_S,
-) -> dict[str, float]:
-    """Mean eval_fn score per task name: of the greedy completion (`samples=1`), or of the best of `samples` completions
-    sampled at `temperature` (pass@k for 0/1 graders), drawn from a private RNG seeded by `seed` so that training's
-    RNG stream is untouched. A grader that raises or hangs scores 0. model.training is restored. Tool tasks: episodes
-    (module docstring)."""
+) -> dict[str, dict[str, float]]:
+    """Per task name, under "accuracy": the mean eval_fn score of the greedy completion (`samples=1`), or of the best
+    of `samples` completions sampled at `temperature` (pass@k for 0/1 graders), drawn from a private RNG seeded by
+    `seed` so that training's RNG stream is untouched. A grader that raises or hangs scores 0. model.training is
+    restored. Tool tasks: episodes (module docstring), and under "tool_calls" the share of episodes that made a call."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = model.generation_config.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=samples)
@@ -61,6 +67,7 @@ def held_out_accuracy(
     device = next(model.parameters()).device
     prompts_per_call = max(batch_size // samples, 1)
     scores: dict[str, list[float]] = defaultdict(list)
+    tool_calls: dict[str, list[bool]] = defaultdict(list)
     was_training = model.training
     model.eval()
     by_tools = sorted(instances, key=lambda instance: instance.uses_tools)  # tool tasks batched apart
@@ -70,10 +77,13 @@ def held_out_accuracy(
             for start in range(0, len(by_tools), prompts_per_call):
                 batch = by_tools[start : start + prompts_per_call]
                 if any(instance.uses_tools for instance in batch):
-                    completions = tool_episodes(
+                    episodes = tool_episodes(
                         model, tokenizer, batch, generation_config, pad_id, samples, max_tool_calling_iterations,
                         tool_timeout_s,
                     )  # fmt: skip
+                    completions = [text_of(episode.replies, role="assistant") for episode in episodes]
+                    for episode, instance in zip(episodes, (i for i in batch for _ in range(samples)), strict=True):
+                        tool_calls[instance.name].append(episode.called_a_tool)
                 else:
                     completions = _generate(model, tokenizer, [i.prompt for i in batch], generation_config, pad_id)
                 starts = range(0, len(completions), samples)  # generate returns each prompt's `samples` rows together
@@ -82,7 +92,8 @@ def held_out_accuracy(
                     scores[instance.name].append(max(0.0 if math.isnan(score) else score for score in graded))
     finally:
         model.train(was_training)
-    return {name: sum(values) / len(values) for name, values in scores.items()}
+    return {metric: {name: sum(values) / len(values) for name, values in by_task.items()}
+            for metric, by_task in (("accuracy", scores), ("tool_calls", tool_calls))}  # fmt: skip
 
 
 def _generate(
@@ -129,6 +140,11 @@ class Episode:
         self.prompt_length = len(self.ids)
         self.replies: list[dict[str, Any]] = []  # the episode after the prompt: assistant and tool messages
 
+    @property
+    def called_a_tool(self) -> bool:
+        """Whether an assistant turn holds a tool call that the parser read (well-formed)."""
+        return any(reply.get("tool_calls") for reply in self.replies if reply["role"] == "assistant")
+
     def run_tool_calls(self, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The tool messages of `tool_calls`; an unknown tool or a failed call gives `{'error': ...}`, as in TRL."""
         by_name = {tool.__name__: tool for tool in self.tools}
@@ -169,8 +185,8 @@ def tool_episodes(
     samples: int,
     max_tool_calling_iterations: int,
     timeout_s: float,
-) -> list[str]:
-    """The final assistant texts of multi-turn episodes, `samples` consecutive rows per instance (module docstring)."""
+) -> list[Episode]:
+    """The multi-turn episodes of `instances`, `samples` consecutive ones per instance (module docstring)."""
     from trl.chat_template_utils import parse_response
 
     multiturn.check_tool_template(tokenizer, model.name_or_path)  # and the tool-call parser, as training sets it
@@ -207,4 +223,4 @@ def tool_episodes(
             episode.ids = episode.ids + suffix
             still_active.append(episode)
         active = still_active
-    return [text_of(episode.replies, role="assistant") for episode in episodes]
+    return episodes

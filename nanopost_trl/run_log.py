@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base
 from nanopost_trl.config import TrainConfig
-from nanopost_trl.evaluation import held_out_accuracy
+from nanopost_trl.evaluation import held_out_scores
 from nanopost_trl.utils import read_rows
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class RunSummary:
     log_path: Path
     config_path: Path
     model_dir: Path | None
-    eval_before: dict[str, float]  # held-out greedy accuracy per task ("{task}") and pass@k ("{task} pass@k")
+    eval_before: dict[str, float]  # per task: greedy accuracy ("{task}"), pass@k ("{task} pass@k"), tool-call rate
     eval_after: dict[str, float]
     reward_first: float | None  # mean reward over the first `reward_window` steps
     reward_last: float | None  # mean reward over the last `reward_window` steps
@@ -160,27 +161,32 @@ class RunLogger(TrainerCallback):
         self.is_main = trainer.accelerator.is_main_process
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per task as `eval_{task}_accuracy` (and `eval_{task}_pass@k` when cfg.eval_pass_k is on),
-        each process scoring its shard of the instances."""
+        """Greedy accuracy per task as `eval_{task}_accuracy`, a tool task's tool-call rate as `eval_{task}_tool_calls`
+        (and `eval_{task}_pass@k` when cfg.eval_pass_k is on), each process scoring its shard of the instances."""
         trainer, cfg = self.trainer, self.trainer.cfg
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         shard = self.eval_instances[rank::world]
         model = trainer.accelerator.unwrap_model(trainer.model)
         score = functools.partial(
-            held_out_accuracy, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
+            held_out_scores, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
             max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
         )  # fmt: skip
-        metrics = self.reduce_over_processes(shard, score(), "accuracy")
+        greedy = score()
+        metrics = self.reduce_over_processes(shard, greedy["accuracy"], "accuracy")
+        tool_tasks = {instance.name for instance in self.eval_instances if instance.uses_tools}
+        if tool_tasks:
+            metrics |= self.reduce_over_processes(shard, greedy["tool_calls"], "tool_calls", tool_tasks)
         if cfg.eval_pass_k:
             best_of_k = score(samples=cfg.eval_pass_k, temperature=cfg.temperature, seed=cfg.seed + rank)
-            metrics |= self.reduce_over_processes(shard, best_of_k, f"pass@{cfg.eval_pass_k}")
+            metrics |= self.reduce_over_processes(shard, best_of_k["accuracy"], f"pass@{cfg.eval_pass_k}")
         return metrics
 
     def reduce_over_processes(
-        self, shard: list[base.TaskInstance], shard_means: dict[str, float], metric: str
+        self, shard: list[base.TaskInstance], shard_means: dict[str, float], metric: str, tasks: set[str] | None = None
     ) -> dict[str, float]:
-        """`eval_{task}_{metric}` over all processes' shards from each shard's per-task means."""
-        names = sorted({instance.name for instance in self.eval_instances})
+        """`eval_{task}_{metric}` over all processes' shards from each shard's per-task means (of `tasks`, default
+        all)."""
+        names = sorted(tasks if tasks is not None else {instance.name for instance in self.eval_instances})
         sizes = [sum(instance.name == name for instance in shard) for name in names]
         accelerator = self.trainer.accelerator
         sums_and_sizes = torch.tensor(
@@ -264,11 +270,10 @@ def step_line(row: dict[str, Any], headline_metrics: Sequence[str], latest_eval:
 
 
 def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:
-    """`eval_{task}_accuracy` -> `{task}`, `eval_{task}_pass@k` -> `{task} pass@k`."""
-    return {
-        key.removeprefix("eval_").removesuffix("_accuracy").replace("_pass@", " pass@"): value
-        for key, value in metrics.items()
-    }
+    """`eval_{task}_accuracy` -> `{task}`, `eval_{task}_pass@k` -> `{task} pass@k`, `eval_{task}_tool_calls` ->
+    `{task} tool_calls`."""
+    return {re.sub(r"_(pass@\d+|tool_calls)$", r" \1", key.removeprefix("eval_").removesuffix("_accuracy")): value
+            for key, value in metrics.items()}  # fmt: skip
 
 
 def _format_eval(step: int, metrics: dict[str, Any]) -> str:

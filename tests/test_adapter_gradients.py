@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 
+import helpers
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -30,21 +31,10 @@ def completion_length_reward(completions, **kwargs):
 
 
 def grpo_args(tmp_path, loss_type: str, kl_ratio_correction: bool) -> GRPOConfig:
-    return GRPOConfig(
-        output_dir=str(tmp_path / loss_type),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=MAX_NEW_TOKENS,
-        beta=KL_COEF,
-        loss_type=loss_type,
-        epsilon=0.2,
-        report_to="none",
-        max_steps=1,
-        seed=0,
-        bf16=False,
-        activation_checkpointing=False,
-        use_bias_correction_kl=kl_ratio_correction,
-    )
+    return helpers.grpo_args(
+        tmp_path / loss_type, per_device_train_batch_size=8, max_completion_length=MAX_NEW_TOKENS, beta=KL_COEF,
+        loss_type=loss_type, use_bias_correction_kl=kl_ratio_correction,
+    )  # fmt: skip
 
 
 def parameter_grads(trainer: GRPOTrainer, inputs: dict) -> dict[str, torch.Tensor]:

@@ -7,42 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import ENV, REPO, accelerate_launch, free_port, launch_command
 
 from nanopost_trl.utils import read_rows
 
-REPO = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
-# this checkout's package in every launched process; one OpenMP thread each (torchrun sets it only for 2+ per machine)
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-ENV["OMP_NUM_THREADS"] = "1"
 UNUSED_PARAMETERS_WARNING = "find_unused_parameters=True"  # torch: "... was specified in DDP constructor, but did not"
-
-
-def launch_command(*args: str, machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
-    """`accelerate launch` of 2 processes in all, over `machines` machines (the README's CPU command)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if machines > 1:
-        command += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-        command += ["--main_process_port", str(port)]
-    return [*command, *args]
-
-
-def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_command(*args), capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def two_machine_launch(logs: Path, *args: str) -> list[subprocess.CompletedProcess]:

@@ -6,30 +6,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
+from helpers import REPO, run
 
 from nanopost_trl import memory
 from nanopost_trl.config import QWEN_1_5B, QWEN_3B, Preset, check_sharding
 from nanopost_trl.train import main
 from nanopost_trl.utils import read_rows
 
-REPO = Path(__file__).parents[1]
 CONFIGS = REPO / "accelerate_configs"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-ENV["OMP_NUM_THREADS"] = "1"
 
 
 def fsdp_launch(*args: str, num_processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml")]
     command += ["--num_processes", str(num_processes), "--mixed_precision", "no", "-m", "nanopost_trl.train", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    return run(command)
 
 
 @pytest.mark.parametrize("name", ["fsdp2.yaml", "fsdp2_multi_node.yaml"])

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
+from helpers import accelerate_launch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from nanopost_trl import base, multiturn
 from nanopost_trl.config import Preset
-from nanopost_trl.evaluation import held_out_accuracy
+from nanopost_trl.evaluation import held_out_accuracy, held_out_scores
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import TINY_MODEL, resolve_model_path
 from nanopost_trl.rewards import RewardAdapter
@@ -156,6 +157,7 @@ def test_a_tool_episode_runs_through_trl_loop_masked_logged_and_evaluated(tool_m
     assert row["tool_errors"] == row["tool_timeouts"] == row["tool_non_string"] == 0
     assert row["reward_mean"] == 1.0
     assert summary.eval_before["multiplication"] == summary.eval_after["multiplication"] == 1.0
+    assert summary.eval_after["multiplication tool_calls"] == 1.0  # the held-out tool-call rate
 
 
 def raising(expression: str) -> str:
@@ -244,6 +246,24 @@ def test_eval_episode_parses_executes_and_grades_the_final_answer(tool_model_dir
     assert held_out_accuracy(model, tokenizer, right + wrong, max_new_tokens=96) == {"multiplication": 0.5}
     # no tool-calling rounds allowed: the call is the final message, and holds no answer
     assert held_out_accuracy(model, tokenizer, right, 96, max_tool_calling_iterations=0) == {"multiplication": 0.0}
+    # the tool-call rate counts parsed calls, whether or not the answer is right
+    scores = held_out_scores(model, tokenizer, right + wrong, max_new_tokens=96)
+    assert scores == {"accuracy": {"multiplication": 0.5}, "tool_calls": {"multiplication": 1.0}}
+
+
+def test_a_two_process_run_with_tools_logs_each_step_once(tool_model_dir, tmp_path):
+    """`accelerate launch` of 2 processes on the CLI's `multiplication` task: each process runs TRL's tool loop on its
+    prompts, the run log has each step once, and the eval's tool-call rate is reduced over both processes' shards."""
+    result = accelerate_launch(
+        "-m", "nanopost_trl.train", "--preset", "TINY_SMOKE", "--model", tool_model_dir, "--tasks", "multiplication",
+        "--chat_template", "qwen2_5", "--max_new_tokens", "96", "--temperature", "0.1", "--num_steps", "1",
+        "--eval_size", "4", "--out_dir", str(tmp_path), "--run_name", "ddp-tools",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(tmp_path / "ddp-tools.jsonl")
+    assert [row["step"] for row in rows] == [0, 1]
+    assert rows[1]["tools_call_frequency"] > 0 and rows[1]["tool_turns_mean"] > 1
+    assert rows[0]["eval_multiplication_tool_calls"] == rows[1]["eval_multiplication_tool_calls"] == 1.0
 
 
 def test_a_template_without_tool_syntax_names_the_model_and_the_fix(tmp_path):
@@ -288,8 +308,14 @@ def test_calculator_parses_never_evaluates_and_splits_are_disjoint():
     train, test = multiplication.operand_pairs("train"), multiplication.operand_pairs("test")
     assert not set(train) & set(test) and len(test) == multiplication.TEST_SIZE
     assert {len(str(a)) for a, _ in test} == {1, 2} and all(10 <= b <= 99 for _, b in test)
-    instance = multiplication.make_instance(7, 43)
+    assert not set(multiplication.EXAMPLES) & (set(train) | set(test))  # the worked examples are in neither split
+    instance, baseline = multiplication.make_instance(7, 43), multiplication.make_instance(7, 43, with_tool=False)
     assert instance.tools == (multiplication.calculator,) and instance.eval_fn("7 * 43 = 301") == 1.0
+    assert not baseline.uses_tools and baseline.prompt[-1] == instance.prompt[-1]
+    # the examples: question, call, the calculator's own result, answer (without the tool: question, answer)
+    assert [m["role"] for m in instance.prompt] == ["system", *["user", "assistant", "tool", "assistant"] * 2, "user"]
+    assert instance.prompt[3]["content"] == "222" == instance.prompt[4]["content"]
+    assert [m["content"] for m in baseline.prompt[1:5]] == ["What is 6 * 37?", "222", "What is 23 * 41?", "943"]
 
 
 def test_reward_adapter_gives_final_text_and_episodes_only_when_declared():

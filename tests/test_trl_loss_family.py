@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import helpers
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -34,23 +35,10 @@ def completion_length_reward(completions, **kwargs):
 
 
 def grpo_args(tmp_path, **options) -> GRPOConfig:
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=ACCUMULATION,
-        num_generations=4,
-        max_completion_length=MAX_NEW_TOKENS,
-        beta=KL_COEF,
-        epsilon=0.2,
-        report_to="none",
-        max_steps=1,
-        seed=0,
-        bf16=False,
-        activation_checkpointing=False,
-        use_bias_correction_kl=False,
-        use_cpu=not torch.cuda.is_available(),  # under torchrun on CPU: gloo, as a run's config (to_grpo_config)
-    )
-    return GRPOConfig(**(settings | options))
+    return helpers.grpo_args(
+        tmp_path / "out", per_device_train_batch_size=4, gradient_accumulation_steps=ACCUMULATION,
+        max_completion_length=MAX_NEW_TOKENS, beta=KL_COEF, use_bias_correction_kl=False, **options,
+    )  # fmt: skip
 
 
 # (id, TRL's GRPOConfig options, the built-in); KL on throughout (beta = kl_coef = 0.1)

@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 import trl.generation.vllm_generation as trl_vllm
+from helpers import free_port
 from trl import GRPOTrainer
 
 from nanopost_trl import base, learner
@@ -94,12 +95,6 @@ class StandInVLLMClient:
         assert features is None and sampling_params["logprobs"] == 0  # TRL asks for the sampled token's log-prob
         completions, logprobs = self.sampler.sample([prompt for prompt in prompts for _ in range(n)])
         return {"prompt_ids": prompts, "completion_ids": completions, "logprobs": logprobs, "logprob_token_ids": None}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
