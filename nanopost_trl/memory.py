@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig, check_sharding
-from nanopost_trl.models import check_model, resolve_model_path
+from nanopost_trl.models import SHIPPED_GGUF, check_model, resolve_model_path
 
 GIB = 2**30
 ZERO_STAGES = (0, 2, 3)  # 0: no DeepSpeed (DDP or one process)
 DEFAULT_PROMPT_TOKENS = 256
 MAX_DEVICE_FRACTION = 0.85  # a preset is sized to stay under this share of its target device
-SMOLLM2_135M = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_135M = SHIPPED_GGUF["smollm2-135m-instruct"].hub_id
 
 # The shapes of each checkpoint's config.json on the Hugging Face hub (huggingface.co/<id>/blob/main/config.json),
 # checked against public copies of those files and the model cards (Qwen2.5: 0.49B / 1.54B / 3.09B parameters).
