@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,18 +253,16 @@ def test_eval_episode_parses_executes_and_grades_the_final_answer(tool_model_dir
 
 
 def test_a_two_process_run_with_tools_logs_each_step_once(tool_model_dir, tmp_path):
-    """`accelerate launch` of 2 processes on the CLI's `multiplication` task: each process runs TRL's tool loop on its
-    prompts, the run log has each step once, and the eval's tool-call rate is reduced over both processes' shards."""
-    result = accelerate_launch(
-        "-m", "nanopost_trl.train", "--preset", "TINY_SMOKE", "--model", tool_model_dir, "--tasks", "multiplication",
-        "--chat_template", "qwen2_5", "--max_new_tokens", "96", "--temperature", "0.1", "--num_steps", "1",
-        "--eval_size", "4", "--out_dir", str(tmp_path), "--run_name", "ddp-tools",
-    )  # fmt: skip
+    """`accelerate launch` of 2 processes: each runs TRL's tool loop on its prompts, the run log has each step once,
+    and the eval's accuracy and tool-call rate are reduced over both processes' shards."""
+    result = accelerate_launch(str(Path(__file__).parent / "scripts" / "ddp_tools.py"), tool_model_dir, str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(tmp_path / "ddp-tools.jsonl")
     assert [row["step"] for row in rows] == [0, 1]
-    assert rows[1]["tools_call_frequency"] > 0 and rows[1]["tool_turns_mean"] > 1
-    assert rows[0]["eval_multiplication_tool_calls"] == rows[1]["eval_multiplication_tool_calls"] == 1.0
+    assert rows[1]["tools_call_frequency"] == 1.0 and rows[1]["tool_turns_mean"] == 2.0
+    assert rows[1]["reward_mean"] == 1.0  # every episode, on both processes, called the tool and answered right
+    for row in rows:
+        assert row["eval_multiplication_accuracy"] == row["eval_multiplication_tool_calls"] == 1.0
 
 
 def test_a_template_without_tool_syntax_names_the_model_and_the_fix(tmp_path):

@@ -37,7 +37,7 @@ def completion_length_reward(completions, **kwargs):
 def grpo_args(tmp_path, **options) -> GRPOConfig:
     return helpers.grpo_args(
         tmp_path / "out", per_device_train_batch_size=4, gradient_accumulation_steps=ACCUMULATION,
-        max_completion_length=MAX_NEW_TOKENS, beta=KL_COEF, use_bias_correction_kl=False, **options,
+        max_completion_length=MAX_NEW_TOKENS, beta=KL_COEF, **({"use_bias_correction_kl": False} | options),
     )  # fmt: skip
 
 
