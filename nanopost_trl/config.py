@@ -262,6 +262,14 @@ class TrainConfig:
 
 QWEN_0_5B, QWEN_1_5B, QWEN_3B = (f"Qwen/Qwen2.5-{size}-Instruct" for size in ("0.5B", "1.5B", "3B"))
 GEMMA_1B = "google/gemma-3-1b-it"
+# What the SmolLM2-135M presets on 2 CPU cores share: bf16 autocast, a constant lr, groups of 8, 4 to a micro-batch.
+_SMOLLM_CPU_RUN = dict(
+    model="smollm2-135m-instruct",
+    responses_per_prompt=8,
+    micro_batch_size=32,
+    lr_schedule="constant",
+    bf16=True,
+)
 # What every GPU preset shares, and the batch sizes per target GPU (unverified on a GPU: benchmarks/gpu_presets.py).
 _GPU_RUN = dict(
     bf16=True,
@@ -332,15 +340,11 @@ class Preset(enum.Enum):
     # a real instruct LLM on 2 CPU cores (the `smollm` extra): benchmarks/RESULTS.md, "A real instruct LLM on CPU"
     SMOLLM_CPU = PresetSpec(
         dict(
-            model="smollm2-135m-instruct",
+            _SMOLLM_CPU_RUN,
             num_steps=10,
             prompts_per_step=16,
-            responses_per_prompt=8,
-            micro_batch_size=32,
             max_new_tokens=12,
             learning_rate=1e-5,
-            lr_schedule="constant",
-            bf16=True,
             eval_every=5,
             eval_size=200,
         ),
@@ -350,18 +354,14 @@ class Preset(enum.Enum):
     # SmolLM2 learns to call a calculator in 2 steps: benchmarks/RESULTS.md, "A real LLM learns to call a tool"
     SMOLLM_TOOLS_CPU = PresetSpec(
         dict(
-            model="smollm2-135m-instruct",
+            _SMOLLM_CPU_RUN,
             chat_template="qwen2_5",
             num_steps=6,
             prompts_per_step=4,
-            responses_per_prompt=8,
-            micro_batch_size=32,
             max_new_tokens=96,
             max_tool_calling_iterations=1,
             temperature=0.7,
             learning_rate=3e-5,
-            lr_schedule="constant",
-            bf16=True,
             eval_every=2,
             eval_size=64,
         ),
