@@ -134,17 +134,21 @@ def trl_chat_templates() -> dict[str, Path]:
     return {path.stem: path for path in sorted(files) if not path.stem.endswith("_training")}
 
 
+def chat_template_text(template: str) -> str:
+    """The text of a TRL-shipped chat template (by name) or of a .jinja file; an unknown one raises ValueError."""
+    shipped = trl_chat_templates()
+    if template in shipped:
+        return shipped[template].read_text()
+    if template.endswith(".jinja") and Path(template).expanduser().is_file():
+        return Path(template).expanduser().read_text()
+    raise ValueError(f"unknown chat template {template!r}: a .jinja file, or one of TRL's: {', '.join(shipped)}")
+
+
 def use_chat_template(tokenizer: Any, template: str, model: str) -> None:
     """Give `tokenizer` the chat template `template`: a TRL-shipped name ('qwen2_5': ChatML with `<tool_call>` tags,
     for ChatML models such as SmolLM2) or a .jinja file. Its `<|...|>` markers must be tokens of the model's own
     vocabulary, i.e. the template must be of the model's chat format."""
-    shipped = trl_chat_templates()
-    if template in shipped:
-        text = shipped[template].read_text()
-    elif template.endswith(".jinja") and Path(template).expanduser().is_file():
-        text = Path(template).expanduser().read_text()
-    else:
-        raise ValueError(f"unknown chat template {template!r}: a .jinja file, or one of TRL's: {', '.join(shipped)}")
+    text = chat_template_text(template)
     vocabulary = tokenizer.get_vocab()
     missing = sorted(set(re.findall(r"<\|[A-Za-z_]+\|>", text)) - vocabulary.keys())
     if missing:

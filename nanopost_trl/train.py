@@ -25,6 +25,7 @@ from nanopost_trl import memory
 from nanopost_trl.config import TRL_NAMES, Preset, TrainConfig, micro_batches, run_to_resume, translate_trl_names
 from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_model
+from nanopost_trl.multiturn import chat_template_text
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
 from nanopost_trl.utils import close_match, make_dataclass
@@ -223,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in tasks:
             get_task_loader(name)
         check_model(cfg.model, cfg.gguf_file)  # a bad model name or file fails here, in one line, not mid-start
+        if cfg.chat_template is not None:
+            chat_template_text(cfg.chat_template)  # likewise an unknown chat template
         if not run_args.estimate:  # the estimate takes its processes from its own flags
             micro_batches(cfg, memory.launch_setting()[0])
         if run_args.resume == "latest":

@@ -123,6 +123,7 @@ def test_bad_names_exit_with_the_valid_ones(args, message):
         (["--loss", "dg", "--loss_args", "max_new_tokens=2.5"], "DGLoss.max_new_tokens=2.5: expected int or None"),
         (["--model", __file__], f"model '{__file__}' is a file but not a .gguf file; model= takes a short name"),
         (["--micro_batch_size", "3"], "micro_batch_size=3 must divide the 256 completions each process handles"),
+        (["--chat_template", "qwen25"], "unknown chat template 'qwen25': a .jinja file, or one of TRL's: "),
         (["--num_generations", "4", "--responses_per_prompt", "8"], "set the same field to different values"),
         (["--loss_type", "dr_grpo"], "loss_type (TRL's GRPOConfig) is not set here: the loss is chosen with --loss"),
         (["--epsilon", "0.3"], "epsilon (TRL's GRPOConfig) is not set here: the clip range is the loss's: --loss_args"),
