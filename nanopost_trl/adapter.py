@@ -29,29 +29,46 @@ from nanopost_trl import base, learner, multiturn, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
-TOOL_FAILURES = ("errors", "timeouts", "non_string")  # tool calls that failed, by kind (multiturn.guarded_call)
+TOOL_FAILURES = ("errors", "timeouts")  # tool calls that failed, by kind (multiturn.guarded_call)
 
 
 class NanopostGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose loss and advantage estimator come from a `LossFn`."""
+    """TRL's GRPOTrainer, taking TRL's arguments unchanged, whose loss and advantage estimator come from a `LossFn`.
+
+    `loss_fn` None: the built-in that reproduces GRPOConfig's `loss_type` and loss options
+    (`trl_bridge.loss_from_grpo_config`). A `loss_fn` of the user's: the GRPOConfig loss options it would ignore are
+    refused (`trl_bridge.check_loss_options`), and the reference model loads exactly when it reads one.
+    `instances` (the `TaskInstance`s a dataset's `instance_id` column indexes) adds the per-task bookkeeping; `cfg`
+    sets the adapter's own features (`TrainConfig`: actor staleness, shared prompt, fused-head tiles, refills, ...).
+    """
 
     def __init__(
         self,
         *args: Any,
-        loss_fn: base.LossFn,
-        instances: Sequence[base.TaskInstance],
-        cfg: TrainConfig,
-        tools: Sequence[Callable] = (),
-        environment_factory: Callable | None = None,
+        loss_fn: base.LossFn | None = None,
+        instances: Sequence[base.TaskInstance] | None = None,
+        cfg: TrainConfig | None = None,
         **kwargs: Any,
     ) -> None:
         trl_bridge.check_trl()
+        arguments = trl_bridge.grpo_trainer_arguments(args, kwargs)
+        grpo_args = arguments["args"]
+        if loss_fn is None:
+            loss_fn = trl_bridge.loss_from_grpo_config(grpo_args)
+        else:
+            loss_fn = trl_bridge.filled_from_grpo_config(loss_fn, grpo_args)
+            trl_bridge.check_loss_options(grpo_args, loss_fn)
+        arguments["args"] = trl_bridge.with_reference(grpo_args, loss_fn.uses_reference)
+        cfg = cfg or TrainConfig()
         self.loss_fn, self.instances, self.cfg = loss_fn, instances, cfg
-        # tools and environments go to TRL's tool loop, each call guarded (errors, non-strings, time-outs counted)
+        # tools and environments go to TRL's tool loop, each call guarded (errors, time-outs counted)
         self.tool_counts: collections.Counter[str] = collections.Counter()
-        kwargs |= multiturn.guarded_tool_loop(tools, environment_factory, self.tool_counts, cfg.tool_timeout_s)
+        arguments |= multiturn.guarded_tool_loop(
+            arguments.get("tools"), arguments.get("environment_factory"), self.tool_counts, cfg.tool_timeout_s
+        )
         self.actor = learner.ActorCopy(cfg.sync_interval)
         self.reference = learner.ReferenceOffload(cfg.offload_reference)
+        self.entropy_control = learner.AdaptiveEntropy.from_grpo_config(grpo_args)
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
         self.step_rewards: torch.Tensor | None = None  # (N, C) of the step being scored, from `_calculate_rewards`
         self.step_texts: tuple[list, list] = ([], [])  # this process's prompts and completions, likewise
@@ -59,14 +76,21 @@ class NanopostGRPOTrainer(GRPOTrainer):
             output_paths(cfg)["completions"] if cfg.run_name else None, cfg.completions_per_step_logged
         )
         # TRL's vLLM client lives on the global main process (RANK 0): it checks the server there
-        if cfg.use_vllm and cfg.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
-            learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
-        super().__init__(*args, **kwargs)
+        if grpo_args.use_vllm and grpo_args.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
+            learner.check_vllm_server(
+                grpo_args.vllm_server_host, grpo_args.vllm_server_port, grpo_args.vllm_server_base_url
+            )
+        super().__init__(**arguments)
         trl_bridge.check_trainer(self)
         learner.check_launch(self, cfg)
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
+
+    @property
+    def group_size(self) -> int:
+        """Completions per prompt in the current pass (TRL's `num_generations_eval` in evaluation)."""
+        return self.num_generations if self.model.training else self.num_generations_eval
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -93,16 +117,23 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self.tool_counts.clear()  # the guarded tools hold this Counter
             log_metrics(self, multiturn.episode_stats(completions, multiturn.tool_call_marker(self.tokenizer)))
             log_metrics(self, {f"tool_{kind}": float(failures.get(kind, 0)) for kind in TOOL_FAILURES}, "sum")
-        rewards = self.weighted_rewards(self.step_rewards)
-        task_names = [self.instances[i].name for i in gather_object([x["instance_id"] for x in inputs])]
-        log_metrics(
-            self,
-            {
-                f"task_{task}_reward_mean": rewards[[name == task for name in task_names]].mean().item()
-                for task in sorted(set(task_names))
-            },
-        )
+        if self.instances is not None and self.model.training:  # per-task means, where the rows name their task
+            rewards = self.weighted_rewards(self.step_rewards)
+            task_names = self.task_names(gather_object(inputs))
+            log_metrics(
+                self,
+                {
+                    f"task_{task}_reward_mean": rewards[[name == task for name in task_names]].mean().item()
+                    for task in sorted(set(task_names))
+                },
+            )
         return self.step_rewards
+
+    def task_names(self, rows: list[dict]) -> list[str | None]:
+        """The task of each dataset row (its `instance_id` into `instances`); None without instances."""
+        if self.instances is None:
+            return [None] * len(rows)
+        return [self.instances[row["instance_id"]].name for row in rows]
 
     # --- advantages: the loss's estimator over whole groups, before the batch is split across processes
     def _generate_and_score_completions(self, inputs):
@@ -115,8 +146,9 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
         ):
             scored = [self._scored_groups(inputs, staleness)]
-            refill = learner.GroupRefill(self.num_generations, len(inputs), self.accelerator.num_processes)
-            while len(scored) <= self.cfg.refill_rounds and refill.short(keep for _, keep in scored):
+            refill = learner.GroupRefill(self.group_size, len(inputs), self.accelerator.num_processes)
+            rounds = self.cfg.refill_rounds if self.model.training else 0
+            while len(scored) <= rounds and refill.short(keep for _, keep in scored):
                 seed = hash((self.args.seed, self.state.global_step, len(scored), self.accelerator.process_index))
                 scored.append(self._scored_groups(refill.rows(self.train_dataset, seed), staleness))
         outputs, keeps = zip(*scored, strict=True)
@@ -130,7 +162,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
                 "prompt_len_mean": trl_bridge.prompt_lengths(self, output).mean().item(),
                 "generation_time_s": time.perf_counter() - start,
                 "actor_staleness": float(staleness),
-                "groups_dropped": sum(float((~keep).sum()) for keep in keeps) / self.num_generations,
+                "groups_dropped": sum(float((~keep).sum()) for keep in keeps) / self.group_size,
                 "groups_refilled": (len(scored) - 1) * refill.groups_per_process * self.accelerator.num_processes,
             },
         )
@@ -144,23 +176,28 @@ class NanopostGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 output["old_per_token_logps"] = self._policy_logprobs(self.model, output, scoring=True)[0]
         components, self.step_rewards = self.step_rewards, None
+        if components is None:
+            raise trl_bridge.UnsupportedTRL(
+                "TRL's _generate_and_score_completions did not call _calculate_rewards, where the adapter takes the "
+                "step's rewards; " + trl_bridge.supported()
+            )
         rewards = self.weighted_rewards(components)
-        advantages, keep = learner.group_advantages(
-            self.loss_fn, rewards, components, self.reward_func_names, self.num_generations
-        )
         rank, size = self.accelerator.process_index, len(inputs)
         local = slice(rank * size, (rank + 1) * size)
+        keep = learner.kept_rows(self.loss_fn, rewards, self.group_size)
+        if trl_bridge.declares_advantages(self.loss_fn):  # the loss's estimator, over whole groups
+            advantages = learner.loss_advantages(
+                self.loss_fn, rewards, components, self.reward_func_names, self.group_size
+            )[local]
+        else:  # TRL's own (GRPOConfig's scale_rewards, multi_objective_aggregation)
+            advantages = output["advantages"]
         if self.model.training and self.accelerator.is_main_process:  # from the main process's own rows
             self.completions_log.record(
-                self.state.global_step + 1,
-                [self.instances[x["instance_id"]].name for x in inputs],
-                *self.step_texts,
-                rewards[local],
-                advantages[local],
+                self.state.global_step + 1, self.task_names(inputs), *self.step_texts, rewards[local], advantages
             )
         completion_ids, _ = trl_bridge.completions(output)
         return output | {
-            "advantages": advantages[local],
+            "advantages": advantages,
             "rewards": rewards[local],
             "reward_components": components[local],
             "truncated": learner.truncated(
@@ -220,21 +257,45 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if ratio is not None and not self.loss_fn.corrects_sampler_mismatch:
             policy_logprobs = learner.sampler_corrected(policy_logprobs, ratio)
         batch = trl_bridge.learner_batch(self, inputs, policy_logprobs, entropies)
+        if self.entropy_control is not None:  # this step's coefficient, from the last step's entropy
+            self.loss_fn.entropy_coef = self.entropy_control.applied(*trl_bridge.entropy_state(self))
         loss, metrics = self.loss_fn(batch)
         loss, skipped = learner.checked_loss(
-            loss, policy_logprobs, type(self.loss_fn).__name__, self.state.global_step + 1, self.cfg.skip_nonfinite
-        )
+            loss, policy_logprobs, type(self.loss_fn).__name__, self.state.global_step + 1, self.cfg.skip_nonfinite,
+            needs_grad=torch.is_grad_enabled(),  # TRL's evaluation computes the loss without grad
+        )  # fmt: skip
         log_metrics(
             self,
             {f"loss_{name}": float(value) for name, value in metrics.items()}
             | learner.batch_stats(batch)
             | {"nonfinite_skipped": float(skipped)},  # the fraction of micro-batches whose step was skipped
         )
+        self._log_trl_metrics(metrics, batch)
         if router_loss is not None:  # a MoE model's load-balancing loss, added as TRL adds it
             loss = loss + self.router_aux_loss_coef * router_loss
             log_metrics(self, {"aux_loss": router_loss.item()})
         normalizer = self.current_gradient_accumulation_steps if self.model.training else 1.0
         return self.backprop_check.watch(loss / normalizer)
+
+    def _log_trl_metrics(self, metrics: dict[str, float], batch: base.LearnerBatch) -> None:
+        """The loss's metrics that TRL computes too, under TRL's names (`LossFn.trl_metrics`) and reductions; with an
+        entropy bonus, TRL's `entropy_coef` at each optimizer step's end (and the adaptive controller's update)."""
+        renamed = {trl_name: metrics[name] for name, trl_name in self.loss_fn.trl_metrics.items() if name in metrics}
+        for reduction in ("mean", "min", "max"):
+            chosen = {name: value for name, value in renamed.items() if trl_bridge.trl_reduction(name) == reduction}
+            log_metrics(self, chosen, reduction)
+        if not (self.model.training and (getattr(self.loss_fn, "entropy_coef", 0.0) or self.entropy_control)):
+            return
+        if self.entropy_control is not None:
+            self.entropy_control.observe(batch.entropies, batch.mask)
+        if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch
+            coef = self.loss_fn.entropy_coef
+            if self.entropy_control is not None:
+                coef, entropy = self.entropy_control.step_end(
+                    trl_bridge.entropy_state(self)[0], lambda totals: self.accelerator.reduce(totals, "sum")
+                )
+                trl_bridge.set_entropy_state(self, coef, entropy)
+            log_metrics(self, {"entropy_coef": coef})
 
     def _prepare_inputs(self, generation_batch):
         """TRL's, shuffling whole prompt groups where micro-batches hold whole groups (the shared prompt's saving)."""

@@ -75,6 +75,10 @@ class LossFn(abc.ABC):
 
     # Metric names (as returned, without `loss_`) shown on the per-step console line; every metric is logged anyway.
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # Metrics that are quantities TRL logs too: returned name -> TRL's name, logged under both (`kl`,
+    # `clip_ratio/region_mean`, ...), so TRL's callbacks and dashboards read them. TRL's `..._min`/`..._max` names are
+    # reduced over processes by min/max, the rest by mean.
+    trl_metrics: ClassVar[dict[str, str]] = {}
     # Whether the loss itself corrects for the gap between the sampler's log-probs (`rollout_logprobs`: vLLM's when
     # TrainConfig.use_vllm) and the learner's, e.g. with an importance ratio against `rollout_logprobs`. False: with
     # vLLM, the adapter applies TRL's correction, weighting each token's gradient by TRL's truncated or masked
@@ -87,7 +91,9 @@ class LossFn(abc.ABC):
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages from rewards grouped by prompt, (G, K) -> (G, K). Default: GRPO's group normalisation
-        (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`.
+        (r - mean) / (std + 1e-4) with the unbiased std, as TRL's `scale_rewards="group"`. A loss that keeps this
+        default trains on TRL's own advantages, which also honour GRPOConfig's `scale_rewards` and
+        `multi_objective_aggregation`; one that overrides it refuses those two options.
 
         An override may take a keyword `components: dict[str, Tensor]` (each reward function's unweighted (G, K)
         scores, by name) to normalise the components apart, as GDPO does; the adapter passes it when it is declared.
@@ -98,7 +104,7 @@ class LossFn(abc.ABC):
         """(G,) bool from the (G, K) grouped rewards: the prompt groups to train on; None (default) = all.
 
         A dropped group gets no gradient (DAPO's dynamic sampling drops groups whose rewards are all equal: zero
-        advantage, no signal). With `TrainConfig.oversample_groups` the step samples extra groups to refill.
+        advantage, no signal). With `TrainConfig.refill_rounds` the step samples extra groups to refill.
         """
         return None
 

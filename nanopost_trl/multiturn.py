@@ -5,7 +5,8 @@
 - `guarded(tool, counts, timeout_s)` / `guarded_environments(factory, ...)`: a tool (or an environment's tool method)
   whose exception, non-string result or time-out becomes the tool's result, so the episode goes on and is scored. TRL's
   loop turns the raised error into the tool message `{'error': '...'}` and counts it in `tools/failure_frequency`;
-  `counts` tells the kinds apart ("errors", "timeouts", "non_string"). The time limit is `rewards.call_with_timeout`'s.
+  `counts` tells the kinds apart ("errors", "timeouts"); a result that is not a str is rendered by TRL, as TRL does.
+  Async tools stay async (TRL awaits them, under `asyncio.wait_for`). The time limit is `rewards.call_with_timeout`'s.
 - `use_chat_template` / `check_tool_template`: a chat template that renders tools and tool results, and a parser TRL
   knows for the model's tool calls (`trl.chat_template_utils.add_response_schema`), else a clear error.
 
@@ -16,6 +17,7 @@ operator). The time limit interrupts pure-Python code only; a tool stuck inside 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import inspect
@@ -47,30 +49,48 @@ def run_tools(instances: Sequence[TaskInstance]) -> tuple[list[Callable], Callab
     return list(tools), factory
 
 
-def guarded_call(function: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> str:
-    """`function()` if it returns a str within `timeout_s`; else raise, counting the kind of failure in `counts`."""
+def guarded_call(function: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> Any:
+    """`function()` within `timeout_s`; else raise, counting the kind of failure ("errors", "timeouts") in `counts`.
+    A result that is not a str is TRL's to render (`str(result)`, or a list of content blocks as they are)."""
     try:
-        result = call_with_timeout(function, timeout_s)
+        return call_with_timeout(function, timeout_s)
     except GraderTimeout:
         counts["timeouts"] += 1
         raise ToolTimeout(f"tool {name} ran past its {timeout_s:g} s time limit") from None
     except Exception:
         counts["errors"] += 1
         raise
-    if not isinstance(result, str):
-        counts["non_string"] += 1
-        raise TypeError(f"tool {name} returned a {type(result).__name__}, not a str")
-    return result
 
 
-def guarded(tool: Callable[..., str], counts: collections.Counter[str], timeout_s: float) -> Callable[..., str]:
-    """`tool` under `guarded_call`, with its name, signature and docstring (TRL renders its schema from them)."""
+async def guarded_await(call: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> Any:
+    """An async tool's `await call()` within `timeout_s` (TRL awaits it on its event loop), counted as `guarded_call`."""
+    try:
+        return await asyncio.wait_for(call(), timeout_s)
+    except asyncio.TimeoutError:
+        counts["timeouts"] += 1
+        raise ToolTimeout(f"tool {name} ran past its {timeout_s:g} s time limit") from None
+    except Exception:
+        counts["errors"] += 1
+        raise
+
+
+def guarded(tool: Callable[..., Any], counts: collections.Counter[str], timeout_s: float) -> Callable[..., Any]:
+    """`tool` under `guarded_call` (an async tool: `guarded_await`, still async, so TRL awaits it), with its name,
+    signature and docstring (TRL renders its schema from them). Of a method, the instance passes through."""
     if not inspect.isfunction(tool) and not inspect.ismethod(tool):
         raise TypeError(f"a tool must be a function with type hints and a docstring, got {type(tool).__name__}")
+    name = tool.__name__
+    if inspect.iscoroutinefunction(tool):
+
+        @functools.wraps(tool)
+        async def call_async(*instance: Any, **arguments: Any) -> Any:
+            return await guarded_await(functools.partial(tool, *instance, **arguments), name, counts, timeout_s)
+
+        return call_async
 
     @functools.wraps(tool)
-    def call(**arguments: Any) -> str:
-        return guarded_call(functools.partial(tool, **arguments), tool.__name__, counts, timeout_s)
+    def call(*instance: Any, **arguments: Any) -> Any:
+        return guarded_call(functools.partial(tool, *instance, **arguments), name, counts, timeout_s)
 
     return call
 
@@ -78,22 +98,15 @@ def guarded(tool: Callable[..., str], counts: collections.Counter[str], timeout_
 def guarded_environments(
     factory: Callable[[], Any], counts: collections.Counter[str], timeout_s: float
 ) -> Callable[[], Any]:
-    """`factory`, making environments whose tool methods run under `guarded_call` (one subclass per environment
-    class, so TRL's `get_reward` column, matched by exact type, still finds every instance)."""
+    """`factory`, making environments whose tool methods run `guarded` (one subclass per environment class, so TRL's
+    `get_reward` column, matched by exact type, still finds every instance)."""
     subclasses: dict[type, type] = {}
-
-    def guarded_method(method: Callable[..., str]) -> Callable[..., str]:
-        @functools.wraps(method)
-        def call(self: Any, **arguments: Any) -> str:
-            return guarded_call(functools.partial(method, self, **arguments), method.__name__, counts, timeout_s)
-
-        return call
 
     def make() -> Any:
         environment = factory()
         cls = type(environment)
         if cls not in subclasses:
-            methods = {name: guarded_method(method) for name, method in tool_methods(cls)}
+            methods = {name: guarded(method, counts, timeout_s) for name, method in tool_methods(cls)}
             subclasses[cls] = type(cls.__name__, (cls,), {**methods, "__qualname__": cls.__qualname__})
         environment.__class__ = subclasses[cls]
         return environment
@@ -102,11 +115,19 @@ def guarded_environments(
 
 
 def guarded_tool_loop(
-    tools: Sequence[Callable], environment_factory: Callable | None, counts: collections.Counter[str], timeout_s: float
+    tools: Sequence[Callable] | None,
+    environment_factory: Callable | dict[str, Callable] | None,
+    counts: collections.Counter[str],
+    timeout_s: float,
 ) -> dict[str, Any]:
-    """GRPOTrainer's `tools` and `environment_factory` arguments, every tool call guarded and counted in `counts`."""
-    arguments: dict[str, Any] = {"tools": [guarded(tool, counts, timeout_s) for tool in tools] or None}
-    if environment_factory is not None:
+    """GRPOTrainer's `tools` and `environment_factory` arguments (one factory, or TRL's dict of one per environment
+    name), every tool call guarded and counted in `counts`."""
+    arguments: dict[str, Any] = {"tools": [guarded(tool, counts, timeout_s) for tool in tools or ()] or None}
+    if isinstance(environment_factory, dict):
+        arguments["environment_factory"] = {
+            name: guarded_environments(factory, counts, timeout_s) for name, factory in environment_factory.items()
+        }
+    elif environment_factory is not None:
         arguments["environment_factory"] = guarded_environments(environment_factory, counts, timeout_s)
     return arguments
 

@@ -14,8 +14,12 @@ What the adapter relies on, each checked before training (`check_trl`, `check_tr
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import functools
 import importlib
 import inspect
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -27,6 +31,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from nanopost_trl import base
+from nanopost_trl.losses import CISPOLoss, GRPOLoss, SAPOLoss, VESPOLoss
 
 SUPPORTED_TRL = ">=1.16,<1.17"  # the TRL versions the test suite covers; pyproject.toml declares the same range
 
@@ -55,31 +60,155 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     "trl.kernels.chunked_logprob": ("_use_triton",),
     "trl.trainer.grpo_trainer": ("shuffle_sequence_dict",),
 }
-TRAINER_STATE = ("_metrics",)  # GRPOTrainer instance attributes read or written here
+TRAINER_STATE = ("_metrics", "_last_world_entropy")  # GRPOTrainer instance attributes read or written here
 
-# GRPOConfig options that TRL applies inside its `_compute_loss`, which a LossFn replaces: a non-default value would be
-# silently ignored, so it is refused, naming the built-in loss field that does the same. (Options the LossFn owns,
-# such as loss_type, epsilon, beta as a coefficient and use_bias_correction_kl, are its fields too; see the README.)
-# option -> (TRL's default, what to use instead)
-RATIO_LOSSES = "GRPO, MaxRL, DAPO, GSPO, LUSPO, CISPO, SAPO, VESPO"
-REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
-    "top_entropy_quantile": (1.0, f"the loss field top_entropy_quantile ({RATIO_LOSSES})"),
-    "delta": (None, "the loss field delta (GRPO, MaxRL, DAPO, GSPO, LUSPO)"),
-    "importance_sampling_level": ("token", "Loss.GSPO, or the loss field importance_sampling_level"),
-    "off_policy_mask_threshold": (None, f"the loss field off_policy_mask_threshold ({RATIO_LOSSES})"),
-    "entropy_coef": (0.0, f"the loss field entropy_coef ({RATIO_LOSSES})"),
-    "use_adaptive_entropy": (
-        False,
-        "a static entropy_coef (an adaptive one needs the optimizer-step boundary, which a LossFn does not see)",
-    ),
+# --- GRPOConfig's own fields (those it adds to transformers' TrainingArguments, which transformers' Trainer honours
+# unchanged), each honoured by TRL as is or mapped onto the built-in loss; `grpo_field_kinds` is the table.
+# A loss option: TRL applies it inside its `_compute_loss`, which the LossFn replaces. option -> the built-in loss
+# field that does the same (`loss_from_grpo_config`); with a loss_fn of the user's, a non-default value must agree
+# with the loss's own field (`check_loss_options`), else it would be ignored.
+LOSS_OPTIONS: dict[str, str] = {
+    "beta": "kl_coef",
+    "epsilon": "eps_low",
+    "epsilon_high": "eps_high",
+    "delta": "delta",
+    "importance_sampling_level": "importance_sampling_level",
+    "use_bias_correction_kl": "kl_ratio_correction",
+    "top_entropy_quantile": "top_entropy_quantile",
+    "entropy_coef": "entropy_coef",
+    "off_policy_mask_threshold": "off_policy_mask_threshold",
+    "sapo_temperature_pos": "tau_pos",
+    "sapo_temperature_neg": "tau_neg",
+    "vespo_k_pos": "k_pos",
+    "vespo_lambda_pos": "lambda_pos",
+    "vespo_k_neg": "k_neg",
+    "vespo_lambda_neg": "lambda_neg",
 }
+# TRL's `loss_type` -> the built-in that reproduces it, and its aggregation (`losses.ops.Aggregation`)
+LOSS_TYPES: dict[str, tuple[type[base.LossFn], str]] = {
+    "grpo": (GRPOLoss, "seq_mean"),
+    "bnpo": (GRPOLoss, "token_mean"),
+    "dr_grpo": (GRPOLoss, "constant"),
+    "dapo": (GRPOLoss, "step_token_mean"),
+    "luspo": (GRPOLoss, "seq_sum_mean"),
+    "cispo": (CISPOLoss, "step_token_mean"),
+    "sapo": (SAPOLoss, "seq_mean"),
+    "vespo": (VESPOLoss, "step_token_mean"),
+}
+# TRL's adaptive entropy controller: the adapter runs it (`learner.AdaptiveEntropy`) on the loss's entropy_coef field
+ADAPTIVE_ENTROPY_OPTIONS = ("use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+                            "entropy_target")  # fmt: skip
+# TRL's advantages: honoured for a loss that keeps `LossFn.advantages` (the adapter then trains on TRL's own)
+ADVANTAGE_OPTIONS = ("scale_rewards", "multi_objective_aggregation")
+# Applied by TRL outside its loss (model loading, generation, vLLM, rewards, batching, reference, logging), unchanged
+HONOURED_BY_TRL = (
+    "model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "disable_dropout",
+    "cast_lm_head_to_fp32", "num_generations", "num_generations_eval",
+    "max_completion_length", "ds3_gather_for_generation", "shuffle_dataset", "pad_to_multiple_of",
+    "generation_batch_size", "steps_per_generation", "temperature", "top_p", "top_k", "min_p", "generation_kwargs",
+    "chat_template_kwargs", "repetition_penalty", "cache_implementation", "use_vllm", "vllm_mode", "vllm_model_impl",
+    "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_server_host",
+    "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
+    "vllm_max_model_length", "vllm_tensor_parallel_size", "num_iterations", "reward_weights",
+    "mask_truncated_completions", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+    "max_tool_calling_iterations", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap",
+    "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts",
+    "log_completions_hub_repo", "use_transformers_continuous_batching", "transformers_continuous_batching_config",
+    "use_transformers_paged",
+)  # fmt: skip
+
+
+def grpo_field_kinds() -> dict[str, str]:
+    """GRPOConfig's own fields -> "trl" (honoured by TRL as is), "loss" (mapped onto the built-in loss), "advantages"
+    (TRL's advantages, for a loss that keeps the default), "loss_type" or "adaptive_entropy"."""
+    kinds = dict.fromkeys(HONOURED_BY_TRL, "trl") | dict.fromkeys(LOSS_OPTIONS, "loss")
+    kinds |= dict.fromkeys(ADVANTAGE_OPTIONS, "advantages") | dict.fromkeys(ADAPTIVE_ENTROPY_OPTIONS, "adaptive_entropy")
+    return kinds | {"loss_type": "loss_type"}
+
+
+def own_grpo_fields() -> list[str]:
+    """The fields GRPOConfig adds to transformers' TrainingArguments (those transformers' Trainer honours)."""
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(trl.GRPOConfig) if f.name not in inherited]
+
+
+def grpo_default(option: str) -> Any:
+    return trl.GRPOConfig.__dataclass_fields__[option].default
+
+
+def grpo_value(args: Any, option: str) -> Any:
+    """`args.<option>` as TRL reads it (`epsilon_high` None is `epsilon`); `args` None: the default."""
+    value = grpo_default if args is None else functools.partial(getattr, args)
+    if option == "epsilon_high" and value("epsilon_high") is None:
+        return value("epsilon")
+    return value(option)
+
+
+def loss_from_grpo_config(args: trl.GRPOConfig) -> base.LossFn:
+    """The built-in loss that reproduces TRL's `_compute_loss` for `args` (its loss_type and every loss option)."""
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {args.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    loss_class, aggregation = LOSS_TYPES[args.loss_type]
+    values = {field: grpo_value(args, option) for option, field in LOSS_OPTIONS.items()}
+    values |= {"aggregation": aggregation, "max_new_tokens": args.max_completion_length}
+    fields = {f.name for f in dataclasses.fields(loss_class)}
+    return loss_class(**{name: value for name, value in values.items() if name in fields})
+
+
+def check_loss_options(args: trl.GRPOConfig, loss_fn: base.LossFn) -> None:
+    """With a loss_fn of the user's: every GRPOConfig loss option set away from its default must be read by the loss
+    (agree with its field); a ValueError lists every one that would be ignored, with the loss field to use."""
+    loss_name = type(loss_fn).__name__
+    problems = []
+    if args.loss_type != grpo_default("loss_type"):
+        problems.append(f"loss_type={args.loss_type!r} picks TRL's loss, which loss_fn={loss_name} replaces")
+    for option, field in LOSS_OPTIONS.items():
+        value = grpo_value(args, option)
+        if value == grpo_value(None, option) or getattr(loss_fn, field, object()) == value:
+            continue
+        if hasattr(loss_fn, field):
+            problems.append(f"{option}={value!r} disagrees with {loss_name}.{field}={getattr(loss_fn, field)!r}")
+        else:
+            problems.append(f"{option}={value!r} acts inside TRL's loss; {loss_name} has no field {field}")
+    if args.use_adaptive_entropy and not hasattr(loss_fn, "entropy_coef"):
+        problems.append(f"use_adaptive_entropy=True drives an entropy_coef field, which {loss_name} does not have")
+    if declares_advantages(loss_fn):
+        for option in ADVANTAGE_OPTIONS:
+            if getattr(args, option) != grpo_default(option):
+                problems.append(
+                    f"{option}={getattr(args, option)!r} shapes TRL's advantages, which {loss_name}.advantages replaces"
+                )
+    if problems:
+        raise ValueError("GRPOConfig options the loss_fn would ignore: " + "; ".join(problems))
+
+
+def declares_advantages(loss_fn: base.LossFn) -> bool:
+    """Whether the loss overrides `advantages` (else the adapter trains on TRL's own advantages)."""
+    return type(loss_fn).advantages is not base.LossFn.advantages
+
+
+def filled_from_grpo_config(loss_fn: base.LossFn, args: trl.GRPOConfig) -> base.LossFn:
+    """A dataclass loss with its None fields that a GRPOConfig option sets (kl_coef <- beta, max_new_tokens <-
+    max_completion_length) filled in from `args`."""
+    if not dataclasses.is_dataclass(loss_fn):
+        return loss_fn
+    sources = {field: option for option, field in LOSS_OPTIONS.items()} | {"max_new_tokens": "max_completion_length"}
+    fills = {
+        f.name: grpo_value(args, sources[f.name])
+        for f in dataclasses.fields(loss_fn)
+        if f.name in sources and getattr(loss_fn, f.name) is None
+    }
+    return dataclasses.replace(loss_fn, **fills) if fills else loss_fn
 
 
 class UnsupportedTRL(RuntimeError):
     """The installed TRL does not provide what the adapter relies on."""
 
 
-def _supported() -> str:
+def supported() -> str:
     return f"nanopost_trl supports trl{SUPPORTED_TRL} (installed: {trl.__version__}); pip install 'trl{SUPPORTED_TRL}'"
 
 
@@ -92,36 +221,64 @@ def check_trl(trainer_class: type | None = None) -> None:
         hook = getattr(trainer_class, name, None)
         if not callable(hook):
             raise UnsupportedTRL(
-                f"{trainer_class.__name__} has no method {name}, which the adapter overrides; " + _supported()
+                f"{trainer_class.__name__} has no method {name}, which the adapter overrides; " + supported()
             )
         try:
             inspect.signature(hook).bind(None, *positional, **dict.fromkeys(keywords))
         except TypeError as error:
             raise UnsupportedTRL(
                 f"{trainer_class.__name__}.{name}{inspect.signature(hook)} no longer accepts the arguments the adapter "
-                f"passes ({', '.join(positional + keywords)}): {error}; " + _supported()
+                f"passes ({', '.join(positional + keywords)}): {error}; " + supported()
             ) from None
     for module_name, names in PRIVATE_NAMES.items():
         module = importlib.import_module(module_name)
         for name in names:
             if not hasattr(module, name):
-                raise UnsupportedTRL(f"{module_name} has no {name}, which the adapter relies on; " + _supported())
+                raise UnsupportedTRL(f"{module_name} has no {name}, which the adapter relies on; " + supported())
     if Version(trl.__version__) not in SpecifierSet(SUPPORTED_TRL):
-        warnings.warn(f"untested TRL version: {_supported()}", stacklevel=2)
+        warnings.warn(f"untested TRL version: {supported()}", stacklevel=2)
+
+
+def entropy_state(trainer: trl.GRPOTrainer) -> tuple[float, float]:
+    """(entropy coefficient, last step's entropy) of TRL's adaptive entropy controller, as its checkpoints hold them."""
+    return trainer.entropy_coef, trainer._last_world_entropy
+
+
+def set_entropy_state(trainer: trl.GRPOTrainer, coef: float, last_entropy: float) -> None:
+    trainer.entropy_coef, trainer._last_world_entropy = coef, last_entropy
+
+
+def grpo_trainer_arguments(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """TRL's `GRPOTrainer.__init__` arguments by name, as TRL would read them; `args` None is TRL's default
+    GRPOConfig (`{model name}-GRPO`). An argument TRL does not take fails here, naming it."""
+    try:
+        bound = inspect.signature(trl.GRPOTrainer.__init__).bind(None, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"GRPOTrainer arguments: {error}") from None
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    if arguments.get("args") is None:
+        model = arguments["model"]
+        name = model if isinstance(model, str) else model.config._name_or_path
+        arguments["args"] = trl.GRPOConfig(f"{name.split('/')[-1]}-GRPO")
+    return arguments
+
+
+def with_reference(args: trl.GRPOConfig, uses_reference: bool) -> trl.GRPOConfig:
+    """A copy of `args` whose `beta` makes TRL load the reference model and score it exactly when the loss reads it
+    (TRL's beta gates both; the KL coefficient itself is the loss's). Unchanged when beta already agrees."""
+    if (args.beta != 0.0) == uses_reference:
+        return args
+    gated = copy.copy(args)
+    gated.beta = 1.0 if uses_reference else 0.0
+    return gated
 
 
 def check_trainer(trainer: trl.GRPOTrainer) -> None:
-    """After `GRPOTrainer.__init__`: the instance state read here exists, and no refused option is set."""
+    """After `GRPOTrainer.__init__`: the instance state read here exists."""
     for name in TRAINER_STATE:
         if not hasattr(trainer, name):
-            raise UnsupportedTRL(f"GRPOTrainer instances have no {name}, which the adapter relies on; " + _supported())
-    args = trainer.args
-    for name, (default, instead) in REFUSED_OPTIONS.items():
-        if getattr(args, name) != default:
-            raise ValueError(
-                f"GRPOConfig option {name}={getattr(args, name)!r} acts inside TRL's own loss, which a nanopost_trl "
-                f"LossFn replaces, so it would be ignored: use {instead}"
-            )
+            raise UnsupportedTRL(f"GRPOTrainer instances have no {name}, which the adapter relies on; " + supported())
 
 
 # --- the metrics store
@@ -130,7 +287,15 @@ def metrics_mode(trainer: trl.GRPOTrainer) -> Literal["train", "eval"]:
     return "train" if trainer.model.training else "eval"
 
 
-def log_metrics(trainer: trl.GRPOTrainer, values: dict[str, float], reduction: Literal["mean", "sum"] = "mean") -> None:
+Reduction = Literal["mean", "sum", "min", "max"]
+
+
+def trl_reduction(trl_name: str) -> Reduction:
+    """How TRL reduces one of its loss metrics over processes: `..._min` by min, `..._max` by max, else mean."""
+    return "min" if trl_name.endswith("_min") else "max" if trl_name.endswith("_max") else "mean"
+
+
+def log_metrics(trainer: trl.GRPOTrainer, values: dict[str, float], reduction: Reduction = "mean") -> None:
     """Append each value, reduced over processes, to TRL's metric of that name (logged at the step's end).
 
     Every process must call it at the same point. The processes may pass different names (a metric only some of them
@@ -140,12 +305,20 @@ def log_metrics(trainer: trl.GRPOTrainer, values: dict[str, float], reduction: L
     names = sorted(values)
     if accelerator.num_processes > 1:
         names = sorted(set().union(*gather_object([names])))
-    local = [[values[name], 1.0] if name in values else [0.0, 0.0] for name in names]
-    if not local:
+    if not names:
         return
+    store = trainer._metrics[metrics_mode(trainer)]
+    if reduction in ("min", "max"):  # NaN (no such value here) is skipped, as TRL's nanmin / nanmax
+        local = torch.tensor([values.get(name, math.nan) for name in names], dtype=torch.float64)
+        gathered = accelerator.gather(local.to(accelerator.device)).view(-1, len(names))
+        extreme = gathered.nan_to_num(nan=math.inf if reduction == "min" else -math.inf)
+        extreme = extreme.amin(dim=0) if reduction == "min" else extreme.amax(dim=0)
+        for name, value in zip(names, extreme.tolist(), strict=True):
+            store[name].append(value if math.isfinite(value) else math.nan)
+        return
+    local = [[values[name], 1.0] if name in values else [0.0, 0.0] for name in names]
     totals = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum").tolist()
-    store = trainer._metrics[metrics_mode(trainer)]
     for name, (total, count) in zip(names, totals, strict=True):
         store[name].append(total / count if reduction == "mean" else total)
 
@@ -354,7 +527,7 @@ class FusedHeadCheck:
             raise UnsupportedTRL(
                 f"TRL's fused LM head ignored trl.trainer.utils._use_triton / _CHUNKED_LOGPROB_CHUNK_SIZE (expected "
                 f"its first kernel call on {positions} positions in {vocab_chunk}-wide tiles, saw {self.seen}); "
-                + _supported()
+                + supported()
             )
 
 
@@ -397,11 +570,11 @@ class BackpropCheck:
         if not self.watched:
             raise UnsupportedTRL(
                 "TRL ran a training step without calling the adapter's _compute_loss, so the LossFn was bypassed; "
-                + _supported()
+                + supported()
             )
         if not self.reached:
             raise UnsupportedTRL(
-                "the LossFn's loss was not the tensor TRL back-propagated (another loss replaced it); " + _supported()
+                "the LossFn's loss was not the tensor TRL back-propagated (another loss replaced it); " + supported()
             )
 
 

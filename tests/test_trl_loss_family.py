@@ -203,10 +203,15 @@ def make_trainers(setup, trl_options: dict, loss_fn: base.LossFn) -> tuple[GRPOT
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    # ours with the loss_fn: GRPOConfig's loss options at TRL's defaults (the loss holds them), the reference
+    # loaded because the loss reads it
     ours = NanopostGRPOTrainer(
         model=copy.deepcopy(model),
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-        args=grpo_args(tmp_path, loss_type="grpo"),
+        args=helpers.grpo_args(
+            tmp_path / "ours", per_device_train_batch_size=4, gradient_accumulation_steps=ACCUMULATION,
+            max_completion_length=MAX_NEW_TOKENS,
+        ),  # fmt: skip
         train_dataset=dataset,
         processing_class=tokenizer,
         loss_fn=loss_fn,
@@ -214,6 +219,18 @@ def make_trainers(setup, trl_options: dict, loss_fn: base.LossFn) -> tuple[GRPOT
         cfg=TrainConfig(),
     )
     return trl_trainer, ours
+
+
+def from_grpo_config(setup, trl_options: dict) -> NanopostGRPOTrainer:
+    """Ours built as a TRL user builds TRL's: TRL's arguments alone, the loss picked from the GRPOConfig."""
+    model, tokenizer, dataset, _, tmp_path, _, _ = setup
+    return NanopostGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=completion_length_reward,
+        args=grpo_args(tmp_path, **trl_options),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def assert_grads_equal(actual: dict, expected: dict) -> None:
@@ -229,6 +246,15 @@ def test_gradients_equal_trl(setup, trl_options, loss_fn):
     expected = accumulated_grads(trl_trainer, plain)
     actual = accumulated_grads(ours, plain)
     assert_grads_equal(actual, expected)
+
+
+@pytest.mark.parametrize("trl_options", [case[1] for case in CASES], ids=[case[0] for case in CASES])
+def test_gradients_equal_trl_from_grpo_config_alone(setup, trl_options):
+    """No loss_fn: the adapter's built-in for `loss_type` and the loss options gives TRL's gradient."""
+    plain = setup[5]
+    trl_trainer, _ = make_trainers(setup, trl_options, GRPOLoss(kl_coef=KL_COEF))
+    ours = from_grpo_config(setup, trl_options)
+    assert_grads_equal(accumulated_grads(ours, plain), accumulated_grads(trl_trainer, plain))
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from nanopost_trl.losses.surrogate import SurrogateLoss
 @dataclasses.dataclass
 class CISPOLoss(SurrogateLoss):
     headline_metrics = ("clipfrac",)
+    trl_metrics = SurrogateLoss.trl_metrics | {"clipfrac": "cispo_clip_ratio"}
 
     eps_high: float = 5.0  # the cap on the (detached) importance weight
     aggregation: Aggregation = "step_token_mean"

@@ -23,13 +23,20 @@ import dataclasses
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import masked_mean
+from nanopost_trl.losses.ops import ratio_mean, sequence_means
 from nanopost_trl.losses.surrogate import SurrogateLoss
 
 
 @dataclasses.dataclass
 class GRPOLoss(SurrogateLoss):
     headline_metrics = ("clipfrac",)
+    trl_metrics = SurrogateLoss.trl_metrics | {
+        "clipfrac": "clip_ratio/region_mean",
+        "clip_low": "clip_ratio/low_mean",
+        "clip_high": "clip_ratio/high_mean",
+        "clip_low_min": "clip_ratio/low_min",
+        "clip_high_max": "clip_ratio/high_max",
+    }
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -41,5 +48,14 @@ class GRPOLoss(SurrogateLoss):
         clipped_ratio = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
         if self.delta is not None:
             ratio = torch.clamp(ratio, max=self.delta)
-        unclipped, clipped = ratio * batch.advantages, clipped_ratio * batch.advantages
-        return -torch.min(unclipped, clipped), {"clipfrac": masked_mean((unclipped > clipped).float(), mask)}
+        per_token = -torch.min(ratio * batch.advantages, clipped_ratio * batch.advantages)
+        # the clipped tokens (or sequences): below the range with A < 0, above it with A > 0
+        low = ((ratio < 1 - self.eps_low) & (batch.advantages < 0)).float()
+        high = ((ratio > 1 + self.eps_high) & (batch.advantages > 0)).float()
+        return per_token, {
+            "clipfrac": ratio_mean(torch.maximum(low, high), mask),
+            "clip_low": ratio_mean(low, mask),
+            "clip_high": ratio_mean(high, mask),
+            "clip_low_min": sequence_means(low, mask).nan_to_num(nan=torch.inf).min().item(),
+            "clip_high_max": sequence_means(high, mask).nan_to_num(nan=-torch.inf).max().item(),
+        }

@@ -39,6 +39,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return ((values * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
+def sequence_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each sequence's mean of a per-token (B, T) quantity over its valid tokens (NaN for none), or a
+    per-sequence (B, 1) one as is."""
+    if values.shape[-1] == 1:
+        return values[:, 0]
+    return (values * mask).sum(-1) / mask.sum(-1)
+
+
+def ratio_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of a per-token (B, T) quantity over the valid tokens, or of a per-sequence (B, 1) one over the
+    sequences: how TRL logs statistics of the importance ratio at either `importance_sampling_level`."""
+    return values.mean().item() if values.shape[-1] == 1 else masked_mean(values, mask)
+
+
 def aggregate(
     per_token: torch.Tensor,
     batch: base.LearnerBatch,

@@ -43,6 +43,7 @@ from nanopost_trl.losses.ops import (
 @dataclasses.dataclass
 class SurrogateLoss(base.LossFn):
     corrects_sampler_mismatch = True  # r is against the sampler's log-probs (the behaviour policy)
+    trl_metrics = {"kl_ref": "kl", "policy_loss": "policy_loss"}
 
     kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Aggregation = "seq_mean"
@@ -92,7 +93,8 @@ class SurrogateLoss(base.LossFn):
             metrics["high_entropy_frac"] = masked_mean(entropy_mask, mask)
         if self.kl_coef:
             kl = kl_to_reference(batch, f"{name}(kl_coef={self.kl_coef})")
-            per_token = per_token + self.kl_coef * (kl * ratio if self.kl_ratio_correction else kl)
+            kl = kl * ratio if self.kl_ratio_correction else kl
+            per_token = per_token + self.kl_coef * kl
             metrics["kl_ref"] = masked_mean(kl, mask)
         loss = aggregate(per_token, batch, self.aggregation, self.max_new_tokens, mask)
         if self.entropy_coef:

@@ -32,6 +32,7 @@ MIN_LOG_WEIGHT = math.log(1e-8)
 @dataclasses.dataclass
 class VESPOLoss(SurrogateLoss):
     headline_metrics = ("phi_mean",)
+    trl_metrics = SurrogateLoss.trl_metrics | {"phi_mean": "vespo/phi_seq_mean"}
 
     k_pos: float = 2.0
     lambda_pos: float = 3.0
