@@ -47,7 +47,7 @@ PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "bf16_weights": {"bf16": True,
 
 def build(kind: str, path: str, precision: str):
     cfg = Preset.SMOLLM_CPU.make(model=path, out_dir=tempfile.mkdtemp(), run_name=kind, **PRECISIONS[precision])
-    args = to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0])
+    args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
     args.loss_type = "grpo"
     instances = resolve_tasks("arithmetic", "train")
     common = dict(

@@ -29,7 +29,6 @@ from trl import GRPOTrainer
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.assets import TINY_MODEL_PATH
 from nanopost_trl.config import Preset, to_grpo_config
-from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
@@ -69,7 +68,7 @@ def build(kind: str, path: Path, kl_coef: float, shared_prompt: bool = False):
     cfg = Preset.TINY_CPU.make(
         model=str(path), out_dir=tempfile.mkdtemp(), run_name=kind, micro_batch_size=32, shared_prompt=shared_prompt
     )
-    args = to_grpo_config(cfg, num_processes=1, uses_reference=kl_coef != 0, reward_weights=[1.0])
+    args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
     args.beta, args.loss_type, args.use_bias_correction_kl = kl_coef, "grpo", False
     instances = resolve_tasks("addition", "train")
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -86,9 +85,9 @@ def build(kind: str, path: Path, kl_coef: float, shared_prompt: bool = False):
     if kind == "trl":
         trainer = GRPOTrainer(reward_funcs=correctness, **common)
     else:
-        loss = GRPOLoss(kl_coef=kl_coef, aggregation="seq_mean")
+        # the same GRPOConfig: the adapter's built-in for loss_type "grpo" (GRPOLoss, seq_mean, kl_coef = beta)
         reward = RewardAdapter(Correctness(), instances)  # the default reward, with its per-completion guard
-        trainer = NanopostGRPOTrainer(reward_funcs=[reward], loss_fn=loss, instances=instances, cfg=cfg, **common)
+        trainer = NanopostGRPOTrainer(reward_funcs=[reward], instances=instances, cfg=cfg, **common)
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     trainer.model.train()

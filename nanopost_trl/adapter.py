@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 

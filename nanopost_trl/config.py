@@ -585,15 +585,13 @@ def output_paths(cfg: TrainConfig) -> dict[str, Path]:
     }
 
 
-def to_grpo_config(
-    cfg: TrainConfig, *, num_processes: int, uses_reference: bool, reward_weights: list[float] | None = None
-):
+def to_grpo_config(cfg: TrainConfig, *, num_processes: int, reward_weights: list[float] | None = None):
     """The one place a TrainConfig becomes TRL's GRPOConfig.
 
     One optimizer step per generation batch: each process generates `completions_per_step / num_processes`
     completions and back-propagates them `micro_batch_size` at a time (gradient accumulation covers the rest).
-    TRL's `beta` only gates the reference model here (the loss owns its KL coefficient), so it is 1.0 when the loss
-    reads reference log-probs and 0.0 (no reference model, no reference forward pass) otherwise.
+    `beta` stays TRL's default: the loss owns its KL coefficient, and the adapter loads the reference model exactly
+    when the loss reads it (`trl_bridge.with_reference`).
     With `wandb_log`, TRL reports to W&B; `Trainer.run` opens the run in `cfg.wandb_project` (no environment change).
     """
     import torch
@@ -616,7 +614,6 @@ def to_grpo_config(
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        beta=1.0 if uses_reference else 0.0,
         num_iterations=cfg.num_iterations,
         mask_truncated_completions=cfg.mask_truncated_completions,
         max_tool_calling_iterations=cfg.max_tool_calling_iterations,

@@ -3,7 +3,7 @@
 
 - `run_tools(instances)`: the one set of tools / environment factory a run hands TRL.
 - `guarded(tool, counts, timeout_s)` / `guarded_environments(factory, ...)`: a tool (or an environment's tool method)
-  whose exception, non-string result or time-out becomes the tool's result, so the episode goes on and is scored. TRL's
+  whose exception or time-out becomes the tool's result, so the episode goes on and is scored. TRL's
   loop turns the raised error into the tool message `{'error': '...'}` and counts it in `tools/failure_frequency`;
   `counts` tells the kinds apart ("errors", "timeouts"); a result that is not a str is rendered by TRL, as TRL does.
   Async tools stay async (TRL awaits them, under `asyncio.wait_for`). The time limit is `rewards.call_with_timeout`'s.
@@ -63,7 +63,7 @@ def guarded_call(function: Callable[[], Any], name: str, counts: collections.Cou
 
 
 async def guarded_await(call: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> Any:
-    """An async tool's `await call()` within `timeout_s` (TRL awaits it on its event loop), counted as `guarded_call`."""
+    """An async tool's `await call()` within `timeout_s` (TRL awaits it on its loop), counted as `guarded_call`."""
     try:
         return await asyncio.wait_for(call(), timeout_s)
     except asyncio.TimeoutError:

@@ -76,7 +76,6 @@ class Trainer:
             args=to_grpo_config(
                 cfg,
                 num_processes=PartialState(cpu=not torch.cuda.is_available()).num_processes,
-                uses_reference=loss_fn.uses_reference,
                 reward_weights=[weight for _, weight in components],
             ),
             train_dataset=build_dataset(train_instances),

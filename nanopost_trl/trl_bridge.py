@@ -123,7 +123,8 @@ def grpo_field_kinds() -> dict[str, str]:
     """GRPOConfig's own fields -> "trl" (honoured by TRL as is), "loss" (mapped onto the built-in loss), "advantages"
     (TRL's advantages, for a loss that keeps the default), "loss_type" or "adaptive_entropy"."""
     kinds = dict.fromkeys(HONOURED_BY_TRL, "trl") | dict.fromkeys(LOSS_OPTIONS, "loss")
-    kinds |= dict.fromkeys(ADVANTAGE_OPTIONS, "advantages") | dict.fromkeys(ADAPTIVE_ENTROPY_OPTIONS, "adaptive_entropy")
+    kinds |= dict.fromkeys(ADVANTAGE_OPTIONS, "advantages")
+    kinds |= dict.fromkeys(ADAPTIVE_ENTROPY_OPTIONS, "adaptive_entropy")
     return kinds | {"loss_type": "loss_type"}
 
 
@@ -195,7 +196,7 @@ def filled_from_grpo_config(loss_fn: base.LossFn, args: trl.GRPOConfig) -> base.
     max_completion_length) filled in from `args`."""
     if not dataclasses.is_dataclass(loss_fn):
         return loss_fn
-    sources = {field: option for option, field in LOSS_OPTIONS.items()} | {"max_new_tokens": "max_completion_length"}
+    sources = {"kl_coef": "beta", "max_new_tokens": "max_completion_length"}  # the fields where None means "the run's"
     fills = {
         f.name: grpo_value(args, sources[f.name])
         for f in dataclasses.fields(loss_fn)

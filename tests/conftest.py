@@ -69,7 +69,7 @@ def tiny_trainer(tmp_path):
         trainer_class: type = NanopostGRPOTrainer, loss_fn=None, cfg_overrides: dict | None = None, **grpo_options
     ) -> NanopostGRPOTrainer:
         cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), run_name="tiny", num_steps=1, **(cfg_overrides or {}))
-        args = to_grpo_config(cfg, num_processes=1, uses_reference=False)
+        args = to_grpo_config(cfg, num_processes=1)
         for name, value in grpo_options.items():
             setattr(args, name, value)
         instances = resolve_tasks("addition", "train")[:16]

@@ -37,6 +37,11 @@ def grpo_args(tmp_path, loss_type: str, kl_ratio_correction: bool) -> GRPOConfig
     )  # fmt: skip
 
 
+def ours_args(tmp_path) -> GRPOConfig:
+    """The adapter's GRPOConfig beside a LossFn: loss options at TRL's defaults (the loss holds its own)."""
+    return helpers.grpo_args(tmp_path / "ours", per_device_train_batch_size=8, max_completion_length=MAX_NEW_TOKENS)
+
+
 def parameter_grads(trainer: GRPOTrainer, inputs: dict) -> dict[str, torch.Tensor]:
     trainer.model.zero_grad()
     trainer.current_gradient_accumulation_steps = 2  # the accumulation scaling must match too
@@ -62,7 +67,7 @@ def test_gradients_equal_trl(tmp_path, tokenizer, random_model_dir, loss_type, a
     ours = NanopostGRPOTrainer(
         model=copy.deepcopy(model),
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-        args=grpo_args(tmp_path, "grpo", kl_ratio_correction),
+        args=ours_args(tmp_path),
         train_dataset=dataset,
         processing_class=tokenizer,
         loss_fn=GRPOLoss(
@@ -124,7 +129,7 @@ def test_kondo_skips_backward_rows_with_equal_gradients(tmp_path, tokenizer, ran
         NanopostGRPOTrainer(
             model=copy.deepcopy(model),
             reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-            args=grpo_args(tmp_path, "grpo", False),
+            args=ours_args(tmp_path),
             train_dataset=dataset,
             processing_class=tokenizer,
             loss_fn=loss_cls(keep_frac=keep_frac, kl_coef=0.0, unit=unit),
@@ -179,7 +184,7 @@ def test_no_more_forward_passes_than_trl(tmp_path, tokenizer, random_model_dir, 
     ours = NanopostGRPOTrainer(
         model=copy.deepcopy(model),
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-        args=args,
+        args=ours_args(tmp_path),
         train_dataset=dataset,
         processing_class=tokenizer,
         loss_fn=GRPOLoss(kl_coef=kl_coef),
@@ -316,7 +321,7 @@ def test_moe_router_loss_is_added_as_trl_adds_it(tmp_path, tokenizer):
     ours = NanopostGRPOTrainer(
         model=copy.deepcopy(model),
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-        args=args, train_dataset=dataset, processing_class=tokenizer, loss_fn=GRPOLoss(kl_coef=0.0),
+        args=ours_args(tmp_path), train_dataset=dataset, processing_class=tokenizer, loss_fn=GRPOLoss(kl_coef=0.0),
         instances=instances, cfg=TrainConfig(),
     )  # fmt: skip
     assert trl_trainer.aux_loss_enabled and ours.aux_loss_enabled

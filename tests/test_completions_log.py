@@ -73,7 +73,7 @@ def test_a_few_per_step_span_the_groups_and_resume_logs_each_step_once(tmp_path)
 
 def test_zero_completions_per_step_writes_no_file_and_trls_table_is_passed_through(tmp_path, capsys):
     cfg = smoke(tmp_path, completions_per_step_logged=0, log_completions=True, num_completions_to_print=2)
-    args = to_grpo_config(cfg, num_processes=1, uses_reference=False)
+    args = to_grpo_config(cfg, num_processes=1)
     assert args.log_completions and args.num_completions_to_print == 2
     Trainer(cfg).run(tasks="addition")
     assert not output_paths(cfg)["completions"].exists()

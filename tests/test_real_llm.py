@@ -48,7 +48,7 @@ def real_trainer(model_dir: str, tmp_path, tasks: str = "arithmetic", data_dir: 
     trainer = NanopostGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         reward_funcs=[RewardAdapter(recording_reward, instances)],
-        args=to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0]),
+        args=to_grpo_config(cfg, num_processes=1, reward_weights=[1.0]),
         train_dataset=build_dataset(instances),
         processing_class=tokenizer,
         loss_fn=GRPOLoss(),

@@ -155,7 +155,7 @@ def wandb_records(run_file: Path) -> list:
 
 def test_config_mapping_leaves_the_environment_alone(tmp_path):
     environment = dict(os.environ)
-    args = to_grpo_config(smoke(tmp_path, wandb_log=True, wandb_project="p"), num_processes=1, uses_reference=False)
+    args = to_grpo_config(smoke(tmp_path, wandb_log=True, wandb_project="p"), num_processes=1)
     assert args.report_to == ["wandb"] and dict(os.environ) == environment
 
 

@@ -209,7 +209,9 @@ def make_trainers(setup, trl_options: dict, loss_fn: base.LossFn) -> tuple[GRPOT
         model=copy.deepcopy(model),
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
         args=helpers.grpo_args(
-            tmp_path / "ours", per_device_train_batch_size=4, gradient_accumulation_steps=ACCUMULATION,
+            tmp_path / "ours",
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=ACCUMULATION,
             max_completion_length=MAX_NEW_TOKENS,
         ),  # fmt: skip
         train_dataset=dataset,

@@ -52,10 +52,14 @@ class GRPOLoss(SurrogateLoss):
         # the clipped tokens (or sequences): below the range with A < 0, above it with A > 0
         low = ((ratio < 1 - self.eps_low) & (batch.advantages < 0)).float()
         high = ((ratio > 1 + self.eps_high) & (batch.advantages > 0)).float()
-        return per_token, {
+        metrics = {
             "clipfrac": ratio_mean(torch.maximum(low, high), mask),
             "clip_low": ratio_mean(low, mask),
             "clip_high": ratio_mean(high, mask),
-            "clip_low_min": sequence_means(low, mask).nan_to_num(nan=torch.inf).min().item(),
-            "clip_high_max": sequence_means(high, mask).nan_to_num(nan=-torch.inf).max().item(),
         }
+        low_per_sequence, high_per_sequence = sequence_means(low, mask), sequence_means(high, mask)
+        scored = ~low_per_sequence.isnan()
+        if scored.any():  # the extremes over the sequences with a valid token
+            metrics["clip_low_min"] = low_per_sequence[scored].min().item()
+            metrics["clip_high_max"] = high_per_sequence[scored].max().item()
+        return per_token, metrics
