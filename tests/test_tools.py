@@ -314,3 +314,73 @@ def test_reward_adapter_gives_final_text_and_episodes_only_when_declared():
     seen = Episodes()
     assert plain([None], [episode], [0]) == [1.0] and RewardAdapter(seen, instances)([None], [episode], [0]) == [1.0]
     assert seen.seen == [episode]
+
+
+class AsyncTools:
+    async def calculator(expression: str) -> int:  # noqa: N805 (a plain function in a namespace, named as the model calls it)
+        """Evaluate one arithmetic operation.
+
+        Args:
+            expression: Two numbers and one operator, e.g. "7 * 43".
+        """
+        return int(multiplication.calculator(expression))
+
+
+class AsyncCalculatorEnv(CalculatorEnv):
+    """The environment with an async tool method that returns a number."""
+
+    async def calculator(self, expression: str) -> int:
+        """Evaluate one arithmetic operation.
+
+        Args:
+            expression: Two numbers and one operator, e.g. "7 * 43".
+        """
+        self.calls += 1
+        return int(multiplication.calculator(expression))
+
+
+@pytest.mark.parametrize("source", ["async_tool", "environment_dict"])
+def test_trl_tool_semantics_with_trl_arguments(tool_model_dir, tmp_path, source):
+    """TRL's constructor, TRL's tool semantics: an async tool is awaited, a number is rendered with str(), and a dict
+    of environment factories picks each row's environment by its `environment` column."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from nanopost_trl.adapter import NanopostGRPOTrainer
+
+    seen = []
+
+    def reward(completions, **kwargs):
+        seen.extend(completions)
+        return [float("301" in c[-1]["content"]) for c in completions]
+
+    rows = {"prompt": [multiplication.make_instance(7, 43).prompt] * 2}
+    tools = {"tools": [AsyncTools.calculator]}
+    if source == "environment_dict":
+        rows["environment"] = ["sync", "async"]
+        tools = {"environment_factory": {"sync": CalculatorEnv, "async": AsyncCalculatorEnv}}
+    trainer = NanopostGRPOTrainer(
+        model=tool_model_dir,
+        reward_funcs=reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            num_generations=2,
+            per_device_train_batch_size=4,
+            max_completion_length=96,
+            max_steps=1,
+            temperature=0.1,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            logging_steps=1,
+        ),  # fmt: skip
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=smollm_tokenizer(),
+        **tools,
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["tools/call_frequency"] == 1.0 and logged["tools/failure_frequency"] == 0.0
+    assert logged["tool_errors"] == logged["tool_timeouts"] == 0
+    assert all(episode[1] == {"role": "tool", "name": "calculator", "content": "301"} for episode in seen)
+    assert logged["reward"] == (2.0 if source == "environment_dict" else 1.0)  # the environments' get_reward adds 1
