@@ -85,6 +85,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
         learner.check_launch(self, cfg)
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
+        if self.entropy_control is not None:  # the controller starts from the loss's coefficient
+            trl_bridge.set_entropy_state(self, self.loss_fn.entropy_coef, *trl_bridge.entropy_state(self)[1:])
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
 
     @property

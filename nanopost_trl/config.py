@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import field
@@ -23,6 +24,13 @@ from nanopost_trl.utils import convert_field, make_dataclass
 TRL_VOCAB_CHUNK, CPU_VOCAB_CHUNK = 32768, 4096
 VLLM_MODES = ("colocate", "server")
 COMPLETIONS_SUFFIX = "-completions.jsonl"  # out/{run_name}-completions.jsonl, next to the run log
+
+
+class TrlOptions(dict):
+    """GRPOConfig options by TRL's name, from a mapping or a JSON object (the command line's form)."""
+
+    def __init__(self, value: Mapping[str, Any] | str = (), /, **options: Any) -> None:
+        super().__init__(json.loads(value) if isinstance(value, str) else value, **options)
 
 
 @dataclasses.dataclass
@@ -213,6 +221,14 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma list of modules or 'all-linear'."})
     merge_adapter_on_save: bool = field(default=False, metadata={"help": "Save the merged model instead of adapter."})
+    # --- TRL's own options
+    trl_args: TrlOptions = field(
+        default_factory=TrlOptions,
+        metadata={
+            "help": "GRPOConfig options TRL applies as they are, by TRL's name (scale_rewards, top_k, warmup_ratio, "
+            "...): TRL's flags and --config keys that are not ours land here. A JSON object on the command line."
+        },
+    )
     # --- hub
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final model/adapter with a model card."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. user/my-run."})
@@ -241,6 +257,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"TrainConfig.vllm_mode must be one of {', '.join(VLLM_MODES)}, got {self.vllm_mode!r}")
+        self.trl_args = TrlOptions(self.trl_args)
+        if refused := [f"{name} ({why})" for name in self.trl_args if (why := passthrough_refusal(name))]:
+            raise ValueError(f"TrainConfig.trl_args: not passed to TRL as they are: {'; '.join(refused)}")
         if self.completions_per_step_logged < 0:
             raise ValueError(
                 f"TrainConfig.completions_per_step_logged must be >= 0 (0: off), got {self.completions_per_step_logged}"
@@ -449,7 +468,6 @@ def _reports_to_wandb(report_to: str | list[str]) -> bool:
 
 
 _SET_FROM_BATCH = "set from prompts_per_step x responses_per_prompt (one generation batch per optimizer step)"
-_LOSS_FIELD = "a field of the ratio losses (grpo, dapo, gspo, cispo, sapo, luspo, vespo, maxrl): --loss_args {}=VALUE"
 # TRL's names that differ from ours; TRL names equal to ours (learning_rate, warmup_steps, weight_decay, max_grad_norm,
 # temperature, top_p, num_iterations, seed, run_name, bf16, gradient_checkpointing, use_vllm, vllm_mode, vllm_server_*,
 # push_to_hub, hub_model_id, lora_*, log_completions, num_completions_to_print, mask_truncated_completions,
@@ -483,9 +501,6 @@ TRL_NAMES: dict[str, TrlName] = {
             "num_train_epochs": "a run is counted in optimizer steps: set --num_steps",
             "loss_type": "the loss is chosen with --loss (see --list) and shaped with --loss_args, e.g. "
             "--loss grpo --loss_args aggregation=token_mean (TRL's bnpo) or aggregation=constant (dr_grpo)",
-            "epsilon": "the clip range is the loss's: --loss_args eps_low=0.2",
-            "epsilon_high": "the clip range is the loss's: --loss_args eps_high=0.28",
-            "use_bias_correction_kl": "the loss's: --loss grpo --loss_args kl_ratio_correction=True",
             "logging_steps": "every step is logged (out_dir/{run_name}.jsonl)",
             "save_strategy": "checkpoints every --save_every N steps (0: the final model only)",
             "eval_strategy": "held-out greedy eval every --eval_every N steps (0: start and end only)",
@@ -494,37 +509,78 @@ TRL_NAMES: dict[str, TrlName] = {
             "fp16": "mixed precision is bf16 only: --bf16",
             "use_peft": "LoRA is on when --lora_r > 0",
             "dataset_name": "the data comes from --tasks (see --list), or Trainer.run(tasks=...) from Python",
-            **{name: _LOSS_FIELD.format(name) for name in ("top_entropy_quantile", "off_policy_mask_threshold")},
-            "entropy_coef": _LOSS_FIELD.format("entropy_coef"),
-            "delta": "a field of the clipped losses (grpo, dapo, gspo, luspo, maxrl): --loss_args delta=VALUE",
-            "importance_sampling_level": "--loss gspo (or --loss_args importance_sampling_level=sequence)",
-            "use_adaptive_entropy": "not offered: an adaptive coefficient needs the optimizer-step boundary, which a "
-            "LossFn does not see; a static --loss_args entropy_coef=VALUE is",
         }.items()
     },
 }
 
 
+def trl_meaning(name: str) -> TrlName | None:
+    """What TRL's GRPOConfig name `name` means here: `TRL_NAMES`, else a GRPOConfig option passed to TRL as it is
+    (`trl_args`) or refused with its reason (`passthrough_refusal`); None: not TRL's name, or ours too."""
+    from trl import GRPOConfig
+
+    if name in TRL_NAMES:
+        return TRL_NAMES[name]
+    if name in TrainConfig.__dataclass_fields__ or name not in GRPOConfig.__dataclass_fields__:
+        return None
+    why = passthrough_refusal(name)
+    return TrlName(None, why) if why else TrlName("trl_args")
+
+
+def passthrough_refusal(name: str) -> str | None:
+    """Why GRPOConfig's option `name` cannot go to TRL as it is (`trl_args`), or None when it can: it is ours (under
+    its name or another), a loss option (the loss's field), or one `to_grpo_config` sets from the TrainConfig."""
+    from trl import GRPOConfig
+
+    from nanopost_trl import trl_bridge
+
+    if name not in GRPOConfig.__dataclass_fields__:
+        return "not a GRPOConfig option"
+    if name in TrainConfig.__dataclass_fields__ or (name in TRL_NAMES and TRL_NAMES[name].field):
+        return f"set it as --{TRL_NAMES[name].field if name in TRL_NAMES else name}"
+    if name in TRL_NAMES:
+        return TRL_NAMES[name].why
+    if name in trl_bridge.LOSS_OPTIONS:
+        return f"the loss's option: --loss_args {trl_bridge.LOSS_OPTIONS[name]}=VALUE"
+    if name in grpo_settings(TrainConfig(run_name="any"), num_processes=1):
+        return "set from the TrainConfig (to_grpo_config)"
+    return None
+
+
 def translate_trl_names(settings: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`settings` with TRL's names (`TRL_NAMES`) replaced by our TrainConfig fields, and one line per replacement
-    saying which field it set. A refused name, or a TRL name and ours setting one field to different values, raises a
-    ValueError."""
-    translated = {name: value for name, value in settings.items() if name not in TRL_NAMES}
-    notes = []
+    """`settings` with TRL's names (`trl_meaning`) replaced by our TrainConfig fields, or gathered into `trl_args`
+    (the options TRL applies as they are), and one line per replacement saying where it went. Every refused name,
+    or a TRL name and ours setting one field to different values, is reported at once in one ValueError."""
+    translated, notes, refused = {}, [], []
+    meanings = {name: trl_meaning(name) for name in settings}
+    for name, value in settings.items():
+        if meanings[name] is None:
+            translated[name] = value
     for trl_name, value in settings.items():
-        meaning = TRL_NAMES.get(trl_name)
+        meaning = meanings[trl_name]
         if meaning is None:
             continue
         if meaning.field is None:
-            raise ValueError(f"{trl_name} (TRL's GRPOConfig) is not set here: {meaning.why}")
-        ours = convert_field(TrainConfig, meaning.field, meaning.convert(value) if meaning.convert else value)
-        if meaning.field in translated and convert_field(TrainConfig, meaning.field, translated[meaning.field]) != ours:
-            raise ValueError(
-                f"{trl_name}={value!r} (TRL's name for {meaning.field}) and {meaning.field}="
-                f"{translated[meaning.field]!r} set the same field to different values: give one"
-            )
-        translated[meaning.field] = ours
-        notes.append(f"{trl_name} is TRL's name for {meaning.field}: set {meaning.field}={ours!r}")
+            refused.append(f"{trl_name} ({meaning.why})")
+        elif meaning.field == "trl_args":
+            from trl import GRPOConfig
+
+            options = translated.setdefault("trl_args", TrlOptions(translated.get("trl_args", {})))
+            options[trl_name] = convert_field(GRPOConfig, trl_name, value)
+            notes.append(f"{trl_name} is TRL's option: passed to GRPOConfig as {trl_name}={options[trl_name]!r}")
+        else:
+            ours = convert_field(TrainConfig, meaning.field, meaning.convert(value) if meaning.convert else value)
+            field_name = meaning.field
+            if field_name in translated and convert_field(TrainConfig, field_name, translated[field_name]) != ours:
+                refused.append(
+                    f"{trl_name}={value!r} (TRL's name for {field_name}) and {field_name}={translated[field_name]!r} "
+                    "set the same field to different values: give one"
+                )
+                continue
+            translated[field_name] = ours
+            notes.append(f"{trl_name} is TRL's name for {field_name}: set {field_name}={ours!r}")
+    if refused:
+        raise ValueError(f"TRL's GRPOConfig names not set here: {'; '.join(refused)}")
     return translated, notes
 
 
@@ -594,11 +650,17 @@ def to_grpo_config(cfg: TrainConfig, *, num_processes: int, reward_weights: list
     when the loss reads it (`trl_bridge.with_reference`).
     With `wandb_log`, TRL reports to W&B; `Trainer.run` opens the run in `cfg.wandb_project` (no environment change).
     """
-    import torch
     from trl import GRPOConfig
 
+    return GRPOConfig(**grpo_settings(cfg, num_processes=num_processes, reward_weights=reward_weights), **cfg.trl_args)
+
+
+def grpo_settings(cfg: TrainConfig, *, num_processes: int, reward_weights: list[float] | None = None) -> dict[str, Any]:
+    """The GRPOConfig options a TrainConfig sets (`to_grpo_config` adds `cfg.trl_args`, TRL's own, on top)."""
+    import torch
+
     micro_batch, accumulation = micro_batches(cfg, num_processes)
-    return GRPOConfig(
+    return dict(
         output_dir=str(output_paths(cfg)["checkpoints"]),
         run_name=cfg.run_name,
         max_steps=cfg.num_steps,

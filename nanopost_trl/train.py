@@ -12,17 +12,27 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
 
+import trl
 import yaml
-from trl import TrlParser
+from trl import GRPOConfig, TrlParser
 
 from nanopost_trl import memory
-from nanopost_trl.config import TRL_NAMES, Preset, TrainConfig, micro_batches, run_to_resume, translate_trl_names
+from nanopost_trl.config import (
+    TRL_NAMES,
+    Preset,
+    TrainConfig,
+    micro_batches,
+    run_to_resume,
+    translate_trl_names,
+    trl_meaning,
+)
 from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_model
 from nanopost_trl.multiturn import chat_template_text
@@ -116,10 +126,14 @@ def with_our_flag_names(argv: Sequence[str]) -> list[str]:
     """`argv` with TRL's flags (`--num_generations 4`) given as ours (`--responses_per_prompt 4`), saying so; a
     refused TRL flag, or a TRL flag and ours with different values, raise a ValueError (`translate_trl_names`)."""
     field_types = typing.get_type_hints(TrainConfig)
+    grpo_types = typing.get_type_hints(GRPOConfig)
     trl_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     our_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for trl_name, meaning in TRL_NAMES.items():
-        add_flag(trl_flags, trl_name, switch=meaning.field is None or field_types[meaning.field] is bool)
+    for trl_name in {*TRL_NAMES, *grpo_types}:  # every GRPOConfig name: ours by another name, TRL's, or refused
+        meaning = trl_meaning(trl_name)
+        if meaning is not None:
+            switch = field_types.get(meaning.field) is bool or grpo_types.get(trl_name) is bool
+            add_flag(trl_flags, trl_name, switch=switch or meaning.field is None)
     for name in {meaning.field for meaning in TRL_NAMES.values() if meaning.field is not None}:
         add_flag(our_flags, name, switch=field_types[name] is bool)
     try:
@@ -130,7 +144,8 @@ def with_our_flag_names(argv: Sequence[str]) -> list[str]:
     translated, notes = translate_trl_names({**ours, **vars(given)})
     for note in notes:
         say(note)
-    return rest + [item for name, value in translated.items() if name not in ours for item in (f"--{name}", str(value))]
+    options = [(name, json.dumps(value) if name == "trl_args" else str(value)) for name, value in translated.items()]
+    return rest + [item for name, value in options if name not in ours for item in (f"--{name}", value)]
 
 
 def unknown_argument_hint(name: str, flags: Sequence[str]) -> str:
@@ -141,7 +156,9 @@ def unknown_argument_hint(name: str, flags: Sequence[str]) -> str:
         means = f"TRL's name for --{meaning.field}" if meaning.field else f"TRL's, not set here: {meaning.why}"
         return f" (did you mean --{trl_name}? {means})"
     close = close_match(name, flags)
-    return f" (did you mean --{close}?)" if close else ""
+    if close:
+        return f" (did you mean --{close}?)"
+    return f" (neither ours nor an option of TRL {trl.__version__}'s GRPOConfig)"
 
 
 def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
@@ -159,11 +176,9 @@ def parse(argv: Sequence[str]) -> tuple[TrainConfig, RunArgs, TrlParser]:
     except (ValueError, TypeError) as error:  # e.g. TrainConfig validation, a refused or conflicting TRL name
         parser.error(str(error))
     flags = [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
-    for arg in unknown:
-        if arg.startswith("--"):
-            parser.error(f"unrecognized argument: {arg}" + unknown_argument_hint(arg[2:].split("=")[0], flags))
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # every one at once, each with its hint
+        hints = [arg + unknown_argument_hint(arg[2:].split("=")[0], flags) for arg in unknown if arg.startswith("--")]
+        parser.error(f"unrecognized argument{'s' if len(hints) > 1 else ''}: {'; '.join(hints or unknown)}")
     return cfg, run_args, parser
 
 

@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from trl import GRPOConfig
 
 from nanopost_trl import analysis
-from nanopost_trl.config import COMPLETIONS_SUFFIX, TRL_NAMES, Preset, PresetSpec, TrainConfig, run_to_resume
+from nanopost_trl.config import (
+    COMPLETIONS_SUFFIX,
+    TRL_NAMES,
+    Preset,
+    PresetSpec,
+    TrainConfig,
+    run_to_resume,
+    to_grpo_config,
+    trl_meaning,
+)
 from nanopost_trl.losses import Loss
 from nanopost_trl.tasks import task_names
 from nanopost_trl.train import main, parse, parse_loss_args, task_list
@@ -125,8 +135,9 @@ def test_bad_names_exit_with_the_valid_ones(args, message):
         (["--micro_batch_size", "3"], "micro_batch_size=3 must divide the 256 completions each process handles"),
         (["--chat_template", "qwen25"], "unknown chat template 'qwen25': a .jinja file, or one of TRL's: "),
         (["--num_generations", "4", "--responses_per_prompt", "8"], "set the same field to different values"),
-        (["--loss_type", "dr_grpo"], "loss_type (TRL's GRPOConfig) is not set here: the loss is chosen with --loss"),
-        (["--epsilon", "0.3"], "epsilon (TRL's GRPOConfig) is not set here: the clip range is the loss's: --loss_args"),
+        (["--loss_type", "dr_grpo"], "not set here: loss_type (the loss is chosen with --loss"),
+        (["--epsilon", "0.3"], "not set here: epsilon (the loss's option: --loss_args eps_low=VALUE)"),
+        (["--warmup_ratio", "0.1"], "--warmup_ratio (neither ours nor an option of TRL 1.16"),
         (["--gradient_accumulation_steps", "4"], "set --micro_batch_size"),
         (["--num_generatons", "4"], "--num_generatons (did you mean --num_generations? TRL's name for --responses_pe"),
         (["--num_iteratoins", "2"], "--num_iteratoins (did you mean --num_iterations?)"),
@@ -161,12 +172,12 @@ def test_trl_names_set_our_fields_on_the_command_line_in_yaml_and_in_preset_make
     assert "beta is TRL's name for kl_coef: set kl_coef=0.05" in [str(w.message) for w in warned] and len(warned) == 5
     with pytest.raises(ValueError, match="beta=0.1 .*and kl_coef=0.2 set the same field to different values"):
         Preset.TINY_SMOKE.make(beta=0.1, kl_coef=0.2)
-    with pytest.raises(ValueError, match="generation_batch_size .* is not set here: .*set --prompts_per_step"):
+    with pytest.raises(ValueError, match=r"not set here: generation_batch_size \(.*set --prompts_per_step"):
         Preset.TINY_SMOKE.make(generation_batch_size=64)
     config.write_text("preset: TINY_SMOKE\nloss_type: dapo\n")
     with pytest.raises(SystemExit):
         parse(["--config", str(config)])
-    assert "loss_type (TRL's GRPOConfig) is not set here" in capsys.readouterr().err
+    assert "not set here: loss_type (the loss is chosen" in capsys.readouterr().err
 
     switches = parse(["--activation_checkpointing", "--report_to", "wandb", "--hub_private_repo", "false"])[0]
     assert (switches.gradient_checkpointing, switches.wandb_log, switches.hub_private) == (True, True, False)
@@ -181,6 +192,26 @@ def test_every_trl_name_maps_to_a_field_or_says_what_to_use_and_the_readme_lists
     for trl_name, meaning in TRL_NAMES.items():
         assert trl_name not in fields and (meaning.field in fields or (meaning.field is None and meaning.why))
         assert f"`{trl_name}`" in command_line, trl_name
+    for trl_name in GRPOConfig.__dataclass_fields__:  # every GRPOConfig name: ours, mapped, passed on, or refused
+        meaning = trl_meaning(trl_name)
+        assert (trl_name in fields) if meaning is None else (meaning.field in fields or meaning.why), trl_name
+
+
+def test_trl_options_pass_through_and_every_refusal_is_reported_at_once(tmp_path, capsys):
+    cfg = parse(["--preset", "TINY_SMOKE", "--scale_rewards", "none", "--top_k", "20", "--use_adaptive_entropy"])[0]
+    assert cfg.trl_args == {"scale_rewards": "none", "top_k": 20, "use_adaptive_entropy": True}
+    args = to_grpo_config(dataclasses.replace(cfg, run_name="r"), num_processes=1)
+    assert (args.scale_rewards, args.top_k, args.use_adaptive_entropy) == ("none", 20, True)
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: TINY_SMOKE\nloss_type: grpo\nepsilon: 0.3\nuse_cpu: true\nscale_rewards: batch\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(config)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(f"{name} (" in error for name in ("loss_type", "epsilon", "use_cpu")) and "scale_rewards" not in error
+    with pytest.raises(SystemExit):
+        main(["--warmup_ratio", "0.1", "--num_stepz", "2"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--warmup_ratio (neither" in error and "--num_stepz (did you mean --num_steps?)" in error
 
 
 def test_unknown_name_hints_never_point_to_a_field_of_another_meaning():
