@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -165,7 +166,37 @@ def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
 
         return str(TINY_MODEL_PATH)
     source = check_model(model, gguf_file)
-    return str(converted_gguf(source)) if source is not None else model
+    if source is not None:
+        return str(converted_gguf(source))
+    check_hub_model(model)
+    return model
+
+
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_hub_model(model: str) -> None:
+    """A hub id that is neither in the local hub cache nor reachable fails in one line; offline, the hub client would
+    retry for about a minute and end in a long traceback. A local path passes."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(model).expanduser().exists() or isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        host = urlparse(constants.ENDPOINT).hostname or ""
+        try:
+            socket.create_connection((host, 443), timeout=HUB_CONNECT_TIMEOUT_S).close()
+            return
+        except OSError as error:
+            reason = f"{host}: {error.strerror or error}"
+    raise ValueError(
+        f"model {model!r} is not in the local hub cache and the hub cannot be reached ({reason}); offline, model= "
+        f"takes a short name ({', '.join([TINY_MODEL, *SHIPPED_GGUF])}), a local model directory or a .gguf file"
+    )
 
 
 def check_gguf_file(path: Path) -> None:

@@ -34,7 +34,7 @@ from nanopost_trl.config import (
     trl_meaning,
 )
 from nanopost_trl.losses import Loss, loss_class
-from nanopost_trl.models import check_model
+from nanopost_trl.models import check_hub_model, check_model
 from nanopost_trl.multiturn import chat_template_text
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
@@ -241,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_model(cfg.model, cfg.gguf_file)  # a bad model name or file fails here, in one line, not mid-start
         if cfg.chat_template is not None:
             chat_template_text(cfg.chat_template)  # likewise an unknown chat template
-        if not run_args.estimate:  # the estimate takes its processes from its own flags
+        if not run_args.estimate:  # the estimate takes its processes from its own flags, and loads no model
             micro_batches(cfg, memory.launch_setting()[0])
+            check_hub_model(cfg.model)  # a hub id offline: one line now, not a minute of retries
         if run_args.resume == "latest":
             cfg = dataclasses.replace(cfg, run_name=run_to_resume(cfg))
     except (ValueError, TypeError, OSError, ImportError) as error:
