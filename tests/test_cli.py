@@ -138,7 +138,7 @@ def test_bad_names_exit_with_the_valid_ones(args, message):
         (["--loss_type", "dr_grpo"], "not set here: loss_type (the loss is chosen with --loss"),
         (["--epsilon", "0.3"], "not set here: epsilon (the loss's option: --loss_args eps_low=VALUE)"),
         (["--warmup_ratio", "0.1"], "--warmup_ratio (neither ours nor an option of TRL 1.16"),
-        (["--model", "acme/nothing-7b"], "'acme/nothing-7b' is not in the local hub cache and the hub cannot be reached"),
+        (["--model", "acme/nothing-7b"], "'acme/nothing-7b' is not in the local hub cache and the hub cannot"),
         (["--gradient_accumulation_steps", "4"], "set --micro_batch_size"),
         (["--num_generatons", "4"], "--num_generatons (did you mean --num_generations? TRL's name for --responses_pe"),
         (["--num_iteratoins", "2"], "--num_iteratoins (did you mean --num_iterations?)"),
