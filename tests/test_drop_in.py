@@ -184,3 +184,9 @@ def test_adaptive_entropy_follows_trl_controller(tmp_path, tokenizer, random_mod
         trainer.train()
         logged[trainer_class] = [row["entropy_coef"] for row in trainer.state.log_history if "entropy_coef" in row]
     assert logged[NanopostGRPOTrainer] == pytest.approx(logged[GRPOTrainer]) == [0.014, 0.018, 0.022]
+
+
+def test_the_package_exports_the_drop_in_under_trl_name():
+    from nanopost_trl import GRPOTrainer as Exported
+
+    assert Exported is NanopostGRPOTrainer and issubclass(Exported, GRPOTrainer)
