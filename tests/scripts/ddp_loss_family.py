@@ -1,5 +1,6 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: the step-normalised losses (DAPO, CISPO, VESPO, and
-DAPO with the high-entropy mask, whose quantile pools both processes' tokens) against TRL's own `_compute_loss`.
+DAPO with the high-entropy mask, whose quantile pools both processes' tokens) against TRL's own `_compute_loss`, each
+as a loss_fn and as the built-in the adapter picks from the GRPOConfig alone.
 
 Each process generates its own completions (different prompts and lengths: unequal token counts per process and per
 micro-batch), TRL gathers the step's token count over both, and each process back-propagates two micro-batches; the
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' own helpers
 from conftest import random_qwen2  # noqa: E402
-from test_trl_loss_family import MAX_NEW_TOKENS, accumulated_grads, make_trainers  # noqa: E402
+from test_trl_loss_family import MAX_NEW_TOKENS, accumulated_grads, from_grpo_config, make_trainers  # noqa: E402
 
 from nanopost_trl import learner  # noqa: E402
 from nanopost_trl.assets import TINY_MODEL_PATH  # noqa: E402
@@ -78,7 +79,9 @@ report = {"tokens": inputs["completion_mask"].sum().item(), "num_items_in_batch"
 for name, (trl_options, loss_fn) in CASES.items():
     trl_case, ours = make_trainers(setup, trl_options, loss_fn)
     expected = ddp_mean(accumulated_grads(trl_case, inputs))
-    actual = ddp_mean(accumulated_grads(ours, inputs))
-    assert expected.keys() == actual.keys()
-    report[name] = max(((actual[k] - expected[k]).abs().max() / expected[k].abs().max()).item() for k in expected)
+    # ours with the loss_fn, and ours from the GRPOConfig alone (the built-in it picks)
+    for key, trainer in ((name, ours), (f"{name}-from-config", from_grpo_config(setup, trl_options))):
+        actual = ddp_mean(accumulated_grads(trainer, inputs))
+        assert expected.keys() == actual.keys()
+        report[key] = max(((actual[k] - expected[k]).abs().max() / expected[k].abs().max()).item() for k in expected)
 (out_dir / f"family-{rank}.json").write_text(json.dumps(report))
