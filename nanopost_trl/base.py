@@ -69,8 +69,22 @@ class LearnerBatch:
 class LossFn(abc.ABC):
     """A loss: `loss, metrics = loss_fn(batch)`. Subclass it as a `@dataclass` with hyper-parameters as fields.
 
-    A field left at `None` whose name is also a `TrainConfig` field (e.g. `kl_coef`, `max_new_tokens`) is filled in
-    from the run's config when training starts.
+    What a loss author needs to know:
+    - A field left at `None` whose name is also a `TrainConfig` field (e.g. `kl_coef`, `max_new_tokens`) is filled in
+      from the run's config when training starts (from GRPOConfig's `beta` / `max_completion_length` when the loss
+      is handed to `NanopostGRPOTrainer` directly).
+    - The reference model runs only for a loss that reads it (`uses_reference`): a loss with a non-zero `kl_coef`
+      field does; any other loss that reads `batch.reference_logprobs` must say so by overriding `uses_reference`.
+    - `policy_logprobs` carries the gradient; `rollout_logprobs`, `reference_logprobs`, `advantages` and `rewards` are
+      detached.
+    - On-policy (`num_iterations=1`, `sync_interval=1`, no vLLM), `rollout_logprobs` equal the policy's, so every
+      importance ratio is 1 and a clip never binds: a clipped loss looks inert until `num_iterations` or
+      `sync_interval` > 1. A loss whose ratio is against `rollout_logprobs` (the sampler's log-probs under vLLM)
+      corrects the sampler mismatch itself: set `corrects_sampler_mismatch = True`.
+    - `headline_metrics` and `trl_metrics` are class attributes: assign them in the class body without a type
+      annotation (an annotation would make them dataclass fields).
+    - The loss is checked: a non-scalar or a loss without grad is an error naming the class; NaN/inf raises unless
+      `TrainConfig.skip_nonfinite`.
     """
 
     # Metric names (as returned, without `loss_`) shown on the per-step console line; every metric is logged anyway.
@@ -120,9 +134,10 @@ class LossFn(abc.ABC):
     def uses_reference(self) -> bool:
         """Whether the loss reads `reference_logprobs`. The reference forward pass runs only if True.
 
-        Default: True unless the loss has a `kl_coef` field equal to 0. Override when the rule does not fit.
+        Default: whether the loss has a non-zero `kl_coef` field (None, "the run's", counts as non-zero until it is
+        filled in). Override when the rule does not fit: a loss reading the reference without a `kl_coef` field.
         """
-        return getattr(self, "kl_coef", None) != 0
+        return hasattr(self, "kl_coef") and self.kl_coef != 0
 
 
 def group_normalized_advantages(rewards: torch.Tensor) -> torch.Tensor:

@@ -176,13 +176,14 @@ HUB_CONNECT_TIMEOUT_S = 5.0
 
 
 def check_hub_model(model: str) -> None:
-    """A hub id that is neither in the local hub cache nor reachable fails in one line; offline, the hub client would
-    retry for about a minute and end in a long traceback. A local path passes."""
+    """A hub id (org/name) that is neither in the local hub cache nor reachable fails in one line; offline, the hub
+    client would retry for about a minute and end in a long traceback. Short names and local paths pass."""
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if Path(model).expanduser().exists() or isinstance(try_to_load_from_cache(model, "config.json"), str):
+    hub_id = "/" in model and not model.endswith(".gguf") and not Path(model).expanduser().exists()
+    if not hub_id or isinstance(try_to_load_from_cache(model, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:
         reason = "HF_HUB_OFFLINE is set"

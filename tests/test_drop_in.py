@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
-from nanopost_trl import trl_bridge
+from nanopost_trl import base, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.losses import DAPOLoss, GRPOLoss, MaxRLLoss
 
@@ -190,3 +190,17 @@ def test_the_package_exports_the_drop_in_under_trl_name():
     from nanopost_trl import GRPOTrainer as Exported
 
     assert Exported is NanopostGRPOTrainer and issubclass(Exported, GRPOTrainer)
+
+
+def test_a_loss_without_a_kl_coef_field_pays_for_no_reference(tmp_path, tokenizer, random_model_dir):
+    class PlainPG(base.LossFn):
+        def __call__(self, batch):
+            return -(batch.advantages * batch.policy_logprobs * batch.mask).sum() / batch.mask.sum(), {}
+
+    trainer = NanopostGRPOTrainer(
+        model=str(random_model_dir), reward_funcs=length_reward, args=trl_args(tmp_path),
+        train_dataset=plain_dataset(), processing_class=tokenizer, loss_fn=PlainPG(),
+    )  # fmt: skip
+    assert not PlainPG().uses_reference and trainer.ref_model is None
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -30,6 +30,7 @@ from nanopost_trl.losses import (
     MaxRLLoss,
     PMPOLoss,
     SAPOLoss,
+    TokenLoss,
     VESPOLoss,
 )
 
@@ -729,3 +730,19 @@ def test_simple_pg_example_computes_the_hand_formula():
     want_grad = [[weights[i][t] * term(i, t)[1] if t < lengths[i] else 0.0 for t in range(5)] for i in range(3)]
     torch.testing.assert_close(grad, torch.tensor(want_grad, dtype=torch.float64))
     assert metrics["kl"] == pytest.approx(sum(k3(i, t)[0] for i, t in valid_tokens(lengths)) / 10)
+
+
+@pytest.mark.parametrize("loss_fn", all_losses(0.1), ids=lambda fn: type(fn).__name__)
+def test_every_builtin_shares_the_per_token_frame_options(loss_fn):
+    """Truncation, the entropy mask and the entropy bonus apply to every built-in (`frame.TokenLoss`): a truncated
+    row gets no gradient, and the bonus lowers the loss by exactly entropy_coef x the masked mean entropy."""
+    assert isinstance(loss_fn, TokenLoss)
+    base_loss, _, _ = run(loss_fn, make_batch(truncated=[False] * 4))
+    masked = dataclasses.replace(loss_fn, mask_truncated=True)
+    _, _, grad = run(masked, make_batch(truncated=[True, False, False, False]))
+    assert torch.all(grad[0] == 0) and torch.any(grad[1:] != 0)
+    batch = make_batch(truncated=[False] * 4)
+    bonus_loss, metrics, _ = run(dataclasses.replace(loss_fn, entropy_coef=0.5), batch)
+    mask = batch.mask
+    entropy = ((batch.entropies * mask).sum() / mask.sum()).item()
+    assert bonus_loss == pytest.approx(base_loss - 0.5 * entropy) and metrics["policy_loss"] == pytest.approx(base_loss)

@@ -13,6 +13,7 @@ from nanopost_trl import base
 from nanopost_trl.losses.cispo import CISPOLoss
 from nanopost_trl.losses.dapo import DAPOLoss
 from nanopost_trl.losses.dg import DGLoss
+from nanopost_trl.losses.frame import TokenLoss
 from nanopost_trl.losses.grpo import GRPOLoss
 from nanopost_trl.losses.gspo import GSPOLoss
 from nanopost_trl.losses.kondo import KondoLoss
@@ -98,6 +99,7 @@ __all__ = [
     "PMPOLoss",
     "SAPOLoss",
     "SurrogateLoss",
+    "TokenLoss",
     "VESPOLoss",
     "loss_class",
 ]

@@ -13,7 +13,8 @@ failure (A < 0, large l) w -> 0; eta -> inf gives w = 1/2, i.e. half of REINFORC
 
 Checked against the paper's abstract (the stored copy we could read shows no equation numbers, so none is quoted).
 Differences: the paper's U is a generic advantage; here it is the loss's group advantage (GRPO's by default), and
-the token terms are reduced with the same `aggregation` options as GRPO. No importance ratio: `rollout_logprobs`
+the token terms go through the same per-token frame as GRPO (`frame.TokenLoss`: aggregation, KL, truncation,
+entropy options). No importance ratio: `rollout_logprobs`
 is unused, as in the paper.
 """
 
@@ -24,28 +25,21 @@ import dataclasses
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import Aggregation, aggregate, delight, kl_to_reference, masked_mean
+from nanopost_trl.losses.frame import TokenLoss
+from nanopost_trl.losses.ops import delight, masked_mean
 
 
 @dataclasses.dataclass
-class DGLoss(base.LossFn):
+class DGLoss(TokenLoss):
     headline_metrics = ("gate_mean",)
 
     eta: float = 1.0  # gate temperature
-    kl_coef: float | None = None  # None: TrainConfig.kl_coef
-    aggregation: Aggregation = "seq_mean"
-    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
         """The (B, T) gate w = sigmoid(delight / eta), detached."""
         return torch.sigmoid(delight(batch) / self.eta)
 
-    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
-        mask, gate = batch.mask, self.gate(batch)
-        per_token = -gate * batch.advantages * batch.policy_logprobs
+    def policy_term(self, batch: base.LearnerBatch, mask: torch.Tensor) -> tuple[torch.Tensor, float, base.Metrics]:
+        gate = self.gate(batch)
         metrics = {"gate_mean": masked_mean(gate, mask), "delight_mean": masked_mean(delight(batch), mask)}
-        if self.kl_coef:
-            kl = kl_to_reference(batch)
-            per_token = per_token + self.kl_coef * kl
-            metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(per_token, batch, self.aggregation, self.max_new_tokens), metrics
+        return -gate * batch.advantages * batch.policy_logprobs, 1.0, metrics

@@ -27,48 +27,47 @@ from typing import Literal
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import Aggregation, aggregate, delight, kl_to_reference, masked_mean
+from nanopost_trl.losses.frame import TokenLoss
+from nanopost_trl.losses.ops import Aggregation, delight, masked_mean
 
 
 @dataclasses.dataclass
-class KondoLoss(base.LossFn):
+class KondoLoss(TokenLoss):
     headline_metrics = ("kept_frac",)
 
     keep_frac: float = 0.1  # fraction of candidates (valid tokens or completions) that pay for a backward pass
     unit: Literal["token", "sequence"] = "token"  # what the gate keeps or drops
-    kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Aggregation = "token_mean"
-    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.unit not in ("token", "sequence"):
             raise ValueError(f"unknown Kondo unit {self.unit!r}; valid: 'token', 'sequence'")
 
-    def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
-        """The (B, T) 0/1 gate, detached: 1 on the valid tokens of the round(keep_frac * n) top-delight candidates."""
-        mask, chi = batch.mask, delight(batch)
+    def gate(self, batch: base.LearnerBatch, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, T) 0/1 gate, detached: 1 on the valid tokens (of `mask`, default `loss_mask(batch)`) of the
+        round(keep_frac * n) top-delight candidates."""
+        mask = self.loss_mask(batch) if mask is None else mask
+        token_mask, chi = mask, delight(batch)
         if self.unit == "sequence":  # one delight per completion: A * -log pi(y|x)
             chi, mask = (chi * mask).sum(-1, keepdim=True), mask.amax(-1, keepdim=True)
         scores = chi.masked_fill(~mask.bool(), -torch.inf).flatten()
         kept = torch.zeros_like(scores)
         kept[scores.topk(round(self.keep_frac * int(mask.sum()))).indices] = 1.0
-        return kept.view_as(chi) * batch.mask
+        return kept.view_as(chi) * token_mask
 
     def backward_rows(self, batch: base.LearnerBatch) -> torch.Tensor:
         """Sequences with at least one kept token; the others need no backward pass."""
         return self.gate(batch).sum(-1) > 0
 
-    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
-        mask, gate = batch.mask, self.gate(batch)
-        per_token = -batch.advantages * batch.policy_logprobs
+    def policy_term(
+        self, batch: base.LearnerBatch, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, base.Metrics]:
+        gate = self.gate(batch, mask)
         rows = mask.sum(-1) > 0
         metrics = {
             "kept_frac": masked_mean(gate, mask),
             "backward_skipped_frac": ((gate.sum(-1) == 0) & rows).sum().item() / max(int(rows.sum()), 1),
             "delight_mean": masked_mean(delight(batch), mask),
         }
-        if self.kl_coef:
-            kl = kl_to_reference(batch)
-            per_token = per_token + self.kl_coef * kl
-            metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(gate * per_token, batch, self.aggregation, self.max_new_tokens), metrics
+        return -gate * batch.advantages * batch.policy_logprobs, gate, metrics  # the gate silences the KL too

@@ -29,18 +29,17 @@ import dataclasses
 import torch
 
 from nanopost_trl import base
-from nanopost_trl.losses.ops import Aggregation, aggregate, kl_to_reference, masked_mean
+from nanopost_trl.losses.frame import TokenLoss
+from nanopost_trl.losses.ops import Aggregation
 
 
 @dataclasses.dataclass
-class PMPOLoss(base.LossFn):
+class PMPOLoss(TokenLoss):
     headline_metrics = ("accepted_frac",)
 
     alpha: float = 0.5  # weight on accepted samples; 1 - alpha on rejected ones
     threshold: float | None = None  # None: accept above the group mean; a float: accept iff reward >= threshold
-    kl_coef: float | None = None  # None: TrainConfig.kl_coef
     aggregation: Aggregation = "constant"
-    max_new_tokens: int | None = None  # the "constant" normaliser; None: TrainConfig.max_new_tokens
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """(G, K) rewards -> (G, K) labels: +1 accepted, -1 rejected, 0 neither."""
@@ -49,17 +48,12 @@ class PMPOLoss(base.LossFn):
             return torch.sign(rewards - mean) * ~torch.isclose(rewards, mean)  # ties (to rounding): 0
         return torch.where(rewards >= self.threshold, 1.0, -1.0).to(rewards.dtype)
 
-    def __call__(self, batch: base.LearnerBatch) -> tuple[torch.Tensor, base.Metrics]:
-        mask, logp = batch.mask, batch.policy_logprobs
+    def policy_term(self, batch: base.LearnerBatch, mask: torch.Tensor) -> tuple[torch.Tensor, float, base.Metrics]:
+        logp = batch.policy_logprobs
         accepted, rejected = (batch.advantages > 0).type_as(logp), (batch.advantages < 0).type_as(logp)
         accepted_frac, rejected_frac = accepted.mean(), rejected.mean()
         # E_acc and E_rej are each a mean over their own set: weight a row by 1 / (fraction of rows in its set)
         accepted_weight = self.alpha * accepted / accepted_frac.clamp(min=1e-8)
         rejected_weight = (1 - self.alpha) * rejected / rejected_frac.clamp(min=1e-8)
-        per_token = -(accepted_weight - rejected_weight) * logp
         metrics = {"accepted_frac": accepted_frac.item(), "rejected_frac": rejected_frac.item()}
-        if self.kl_coef:
-            kl = kl_to_reference(batch)
-            per_token = per_token + self.kl_coef * kl
-            metrics["kl_ref"] = masked_mean(kl, mask)
-        return aggregate(per_token, batch, self.aggregation, self.max_new_tokens), metrics
+        return -(accepted_weight - rejected_weight) * logp, 1.0, metrics
