@@ -29,7 +29,7 @@ from trl.trainer.utils import add_fused_lm_head
 from nanopost_trl.config import Preset
 from nanopost_trl.models import resolve_model_path
 from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
-from nanopost_trl.trainer import fused_head_tiles
+from nanopost_trl.trl_bridge import fused_head_tiles
 
 SMOLLM = "smollm2-135m-instruct"
 CPU_TILES = Preset.SMOLLM_CPU.make()  # its fused-head tile width on CPU

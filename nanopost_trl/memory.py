@@ -17,7 +17,8 @@ A step has two phases, and the peak is the larger:
 
 The coefficients (per token and layer: 10 x hidden + 4 x intermediate + sequence elements of saved activations, for
 transformers' Llama/Qwen2 layers with SDPA) were measured with torch's allocator accounting (`measure_peak`) and are
-checked against measured runs in `benchmarks/memory_validation.py` and `tests/test_memory.py` (+-15%).
+checked against measured runs by `benchmarks/memory_validation.py` (the figures: `benchmarks/RESULTS.md`) and held to
+`tests/test_memory.py`'s tolerance.
 """
 
 from __future__ import annotations
