@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, multiturn, trl_bridge
+from nanopost_trl import base, config, learner, multiturn, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
@@ -59,6 +59,11 @@ class NanopostGRPOTrainer(GRPOTrainer):
             loss_fn = trl_bridge.filled_from_grpo_config(loss_fn, grpo_args)
             trl_bridge.check_loss_options(grpo_args, loss_fn)
         arguments["args"] = trl_bridge.with_reference(grpo_args, loss_fn.uses_reference)
+        if cfg is not None and (ignored := config.grpo_disagreements(cfg, grpo_args)):
+            raise ValueError(
+                "TrainConfig fields that TRL's GRPOConfig sets here (args is the trainer's config): "
+                + "; ".join(ignored)
+            )
         cfg = cfg or TrainConfig()
         self.loss_fn, self.instances, self.cfg = loss_fn, instances, cfg
         # tools and environments go to TRL's tool loop, each call guarded (errors, time-outs counted)

@@ -584,6 +584,29 @@ def translate_trl_names(settings: Mapping[str, Any]) -> tuple[dict[str, Any], li
     return translated, notes
 
 
+# TrainConfig fields that reach GRPOConfig in another form (`to_grpo_config`: paths, batch split, checkpoint and eval
+# schedules, the Hub push done by `Trainer.run`) or not at all (kl_coef is the loss's)
+NOT_VERBATIM = ("out_dir", "run_name", "micro_batch_size", "save_every", "eval_every", "eval_batch_size", "push_to_hub",
+                "hub_private", "kl_coef")  # fmt: skip
+
+
+def grpo_disagreements(cfg: TrainConfig, args: Any) -> list[str]:
+    """The TrainConfig fields that GRPOConfig holds too (under its name or TRL's, `TRL_NAMES`), set in `cfg` away
+    from TrainConfig's default and to another value in `args`: beside TRL's own config they would be ignored."""
+    defaults = TrainConfig()
+    trl_name = {meaning.field: name for name, meaning in TRL_NAMES.items() if meaning.field and not meaning.convert}
+    disagreements = []
+    for name in TrainConfig.__dataclass_fields__:
+        grpo_name = trl_name.get(name, name)
+        unset = getattr(cfg, name) == getattr(defaults, name)
+        if grpo_name not in type(args).__dataclass_fields__ or name in NOT_VERBATIM or unset:
+            continue
+        ours, theirs = getattr(cfg, name), getattr(args, grpo_name)
+        if str(ours) != str(getattr(theirs, "value", theirs)):  # enums (lr_scheduler_type) by value
+            disagreements.append(f"{name}={ours!r} (GRPOConfig {grpo_name}={theirs!r})")
+    return disagreements
+
+
 def micro_batches(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
     """(completions per forward/backward, micro-batches accumulated per optimizer step) on each of `num_processes`;
     a ValueError when the step's completions do not split evenly."""

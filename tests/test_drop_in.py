@@ -15,6 +15,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from nanopost_trl import base, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
+from nanopost_trl.config import TrainConfig
 from nanopost_trl.losses import DAPOLoss, GRPOLoss, MaxRLLoss
 
 QUESTIONS = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (9, 9)]]
@@ -204,3 +205,18 @@ def test_a_loss_without_a_kl_coef_field_pays_for_no_reference(tmp_path, tokenize
     assert not PlainPG().uses_reference and trainer.ref_model is None
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_a_train_config_that_disagrees_with_trl_config_is_refused(tmp_path, tokenizer, random_model_dir):
+    """Beside TRL's GRPOConfig, a TrainConfig holds the adapter's own features; its fields that GRPOConfig holds too
+    would be ignored, so a disagreeing one is refused (an agreeing one, or an adapter feature, is fine)."""
+
+    def build(cfg):
+        return NanopostGRPOTrainer(
+            model=str(random_model_dir), reward_funcs=length_reward, args=trl_args(tmp_path, learning_rate=1e-5),
+            train_dataset=plain_dataset(), processing_class=tokenizer, cfg=cfg,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"learning_rate=3e-05 \(GRPOConfig learning_rate=1e-05\)"):
+        build(TrainConfig(learning_rate=3e-5, temperature=0.7))
+    assert not build(TrainConfig(learning_rate=1e-5, shared_prompt=False)).shared_prompt.applies
