@@ -75,7 +75,7 @@ def micro_batch(shape: Shape, vocab_size: int) -> tuple[torch.Tensor, ...]:
 def logprobs(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], shared: bool, trl_self) -> torch.Tensor:
     """The completions' log-probs (entropies computed too, as the learner does) by either path."""
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
-    with fused_head_tiles(CPU_TILES, prompt_ids.device), trl_self.accelerator.autocast():
+    with fused_head_tiles(CPU_TILES.vocab_chunk(triton=False)), trl_self.accelerator.autocast():
         if shared:
             return shared_prompt_logprobs(model, *batch, compute_entropy=True)[0]
         return GRPOTrainer._get_per_token_logps_and_entropies(
