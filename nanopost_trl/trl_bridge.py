@@ -8,7 +8,10 @@ What the adapter relies on, each checked before training (`check_trl`, `check_tr
   TRL's kernel saw the tile width and the positions it was told to; `BackpropCheck` verifies on the first training
   step that the LossFn's loss is the tensor TRL back-propagated (TRL's Liger path, huggingface/trl#7270, broke that).
 - `learner_batch` is the only reader of the keys of TRL's generation output; `log_metrics` the only writer of its
-  metrics, reduced over processes.
+  metrics, reduced over processes (mean, sum, or TRL's min/max).
+- GRPOConfig's own fields, one table (`grpo_field_kinds`): each honoured by TRL as is, or mapped onto the built-in
+  loss (`loss_from_grpo_config`, `LOSS_OPTIONS`, `LOSS_TYPES`); with a loss of the user's, the options it would
+  ignore are refused (`check_loss_options`). `grpo_trainer_arguments` reads TRL's constructor arguments by name.
 """
 
 from __future__ import annotations
