@@ -223,8 +223,9 @@ class NanopostGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
         vocab_chunk = self.cfg.vocab_chunk(triton=trl_bridge.kernel_uses_triton(input_ids.device))
         extra_inputs = any(value is not None and value is not False for value in kwargs.values())
+        scored = bool(attention_mask[:, -logits_to_keep:].any())  # every completion masked (truncated): TRL's path
         with trl_bridge.fused_head_tiles(vocab_chunk, self.fused_head_check):
-            if self.shared_prompt.applies and not extra_inputs:  # multimodal or MoE-router inputs take TRL's path
+            if self.shared_prompt.applies and not extra_inputs and scored:  # multimodal or MoE-router: TRL's path
                 result = learner.shared_prompt_pass(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                     self.accelerator.autocast,
