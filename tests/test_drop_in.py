@@ -220,3 +220,21 @@ def test_a_train_config_that_disagrees_with_trl_config_is_refused(tmp_path, toke
     with pytest.raises(ValueError, match=r"learning_rate=3e-05 \(GRPOConfig learning_rate=1e-05\)"):
         build(TrainConfig(learning_rate=3e-5, temperature=0.7))
     assert not build(TrainConfig(learning_rate=1e-5, shared_prompt=False)).shared_prompt.applies
+
+
+def test_every_completion_truncated_and_masked_trains_nothing(tmp_path, tokenizer, random_model_dir):
+    """`mask_truncated_completions` with every completion cut: the loss is 0 and no weight moves (the shared-prompt
+    pass, which has nothing to score, hands such a micro-batch to TRL's log-prob path)."""
+    trainer = NanopostGRPOTrainer(
+        model=str(random_model_dir), reward_funcs=length_reward, train_dataset=plain_dataset(),
+        args=trl_args(
+            tmp_path, mask_truncated_completions=True, learning_rate=0.1,
+            generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id, tokenizer.pad_token_id]},  # never ends
+        ),  # fmt: skip
+        processing_class=tokenizer,
+    )  # fmt: skip
+    assert trainer.shared_prompt.applies
+    before = {name: param.clone() for name, param in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] == 0.0
+    assert all(torch.equal(param, before[name]) for name, param in trainer.model.named_parameters())
