@@ -224,9 +224,11 @@ def test_a_train_config_that_disagrees_with_trl_config_is_refused(tmp_path, toke
 
 def test_every_completion_truncated_and_masked_trains_nothing(tmp_path, tokenizer, random_model_dir):
     """`mask_truncated_completions` with every completion cut: the loss is 0 and no weight moves (the shared-prompt
-    pass, which has nothing to score, hands such a micro-batch to TRL's log-prob path)."""
+    pass, which has nothing to score, hands such a micro-batch to TRL's log-prob path; one-token prompts would leave
+    it an empty sequence)."""
     trainer = NanopostGRPOTrainer(
-        model=str(random_model_dir), reward_funcs=length_reward, train_dataset=plain_dataset(),
+        model=str(random_model_dir), reward_funcs=length_reward,
+        train_dataset=Dataset.from_dict({"prompt": [str(digit) for digit in range(8)]}),  # one token each
         args=trl_args(
             tmp_path, mask_truncated_completions=True, learning_rate=0.1,
             generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id, tokenizer.pad_token_id]},  # never ends
