@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, multiturn, trl_bridge
+from nanopost_trl import base, learner, multiturn, sampling, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
@@ -67,6 +67,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
+        self.sampler = sampling.FastSampler(self, cfg.fast_sampling)
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -113,6 +114,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self.reference.on_device(self.ref_model, self.accelerator.device),
             self.actor.weights(params) if staleness else nullcontext(),
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
+            self.sampler.session(),  # tool rounds continue from the cache of the call before, released after
         ):
             scored = [self._scored_groups(inputs, staleness)]
             refill = learner.GroupRefill(self.num_generations, len(inputs), self.accelerator.num_processes)
@@ -167,6 +169,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
                 completion_ids, self.max_completion_length, [*self.eos_token_ids, self.tokenizer.pad_token_id]
             ),
         }, keep
+
+    # --- sampling without vLLM: each distinct prompt prefilled once, tool rounds continued from the cache
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self.sampler.applies(images, multimodal_fields):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        return self.sampler.sample(self, prompt_ids), None  # no sampler log-probs, as TRL's transformers path
 
     # --- log-probs: TRL's fused LM head in the configured tiles, or the model's full logits
     def _get_per_token_logps_and_entropies(
