@@ -3,9 +3,10 @@
 Each override (the hooks listed in `trl_bridge.HOOKS`) is a short delegation to a feature in `nanopost_trl.learner`;
 everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top to bottom, a step is:
 1. `_generate_and_score_completions`: TRL samples (with the actor's weights under `sync_interval > 1`, the reference
-   on the device) and scores; `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole
-   groups, the groups it keeps, and the truncation flags join TRL's output; a few of the main process's rows go to
-   the completions log (`learner.CompletionsLog`).
+   on the device; without vLLM through `_generate_single_turn`: `nanopost_trl.sampling`) and scores;
+   `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole groups, the groups it keeps,
+   and the truncation flags join TRL's output; a few of the main process's rows go to the completions log
+   (`learner.CompletionsLog`).
 2. `_compute_loss`, per micro-batch: the policy's log-probs and entropies (`_get_per_token_logps_and_entropies`:
    TRL's fused LM head in `cfg`'s tiles, or the full logits), a `LearnerBatch`, the `LossFn`, checked, scaled for
    gradient accumulation as TRL does.
