@@ -15,7 +15,9 @@ prompt's tokens, stop strings read the whole row).
 Layout: a row is `[pad][cached tokens][pad][new tokens]`, the cached part right-aligned at the cache's width and the
 new part at the end, as `generate`'s left padding expects. Position ids count the unmasked tokens (`generate`'s
 rule), so a row's token at index i has position i whether its keys were cached or not. With one token new per row
-(the first call) the layout is TRL's left padding. A call continues from the kept cache where that prefills fewer
+(the first call) the layout is TRL's left padding. Padding is masked, but the repetition penalty reads its token ids:
+each row's padding holds the ids it holds on TRL's path (`layout`), and options that read the padding's positions
+(`LAYOUT_OPTIONS`) keep every call on TRL's layout. A call continues from the kept cache where that prefills fewer
 positions than a fresh shared prefill would; each row reuses its longest common prefix with a kept row.
 """
 
@@ -35,6 +37,9 @@ from trl.models import unwrap_model_for_generation
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")  # read a 2D mask with padding between cached and new tokens (tested)
 SAMPLING_MODES = (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
+# options that read a row's padding or absolute length, which a continued row's layout changes (`layout` keeps the
+# token set only): with one set, each call prefills its rows in full (still each distinct row once)
+LAYOUT_OPTIONS = ("no_repeat_ngram_size", "min_length", "sequence_bias")
 
 
 @dataclasses.dataclass
@@ -67,12 +72,26 @@ def common_prefix_lengths(rows: Sequence[Sequence[int]], kept: Sequence[Sequence
     return equal.cumprod(dim=-1).sum(dim=-1)
 
 
-def layout(rows: Sequence[Sequence[int]], kept: KeptCache, sources: Sequence[int], reused: Sequence[int], pad: int):
-    """A `Batch` of `rows`, row j's first `reused[j]` tokens from kept row `sources[j]`."""
+def layout(
+    rows: Sequence[Sequence[int]],
+    kept: KeptCache,
+    sources: Sequence[int],
+    reused: Sequence[int],
+    pad: int,
+    trl_width: int,
+) -> Batch:
+    """A `Batch` of `rows`, row j's first `reused[j]` tokens from kept row `sources[j]`, at least `trl_width` wide.
+
+    Padding is masked, but logits processors read its token ids (the repetition penalty lowers every id in a row,
+    the pad id too, which is often EOS): a row that TRL's left padding to `trl_width` pads holds `pad` there, the
+    others their own first token, so each row carries the token set it carries on TRL's path."""
     cached_width = max(reused)
     new_width = max(len(row) - length for row, length in zip(rows, reused, strict=True))
+    left = max(trl_width - cached_width - new_width, 0)  # TRL's extra padding (`pad_to_multiple_of`)
+    cached_width += left
     device = kept.columns[0].device if kept.columns else torch.device("cpu")
-    input_ids = torch.full((len(rows), cached_width + new_width), pad, dtype=torch.long)
+    fill = [[pad if len(row) < trl_width else row[0]] for row in rows]
+    input_ids = torch.tensor(fill, dtype=torch.long).repeat(1, cached_width + new_width)
     attention_mask = torch.zeros_like(input_ids)
     columns = torch.zeros(len(rows), cached_width, dtype=torch.long)
     for j, (row, source, length) in enumerate(zip(rows, sources, reused, strict=True)):
@@ -83,7 +102,7 @@ def layout(rows: Sequence[Sequence[int]], kept: KeptCache, sources: Sequence[int
         attention_mask[j, input_ids.size(1) - new :] = 1
         columns[j, cached_width - length :] = kept.columns[source][:length].cpu()
     cache = None
-    if cached_width:
+    if cached_width - left:
         rows_index, columns = torch.tensor(sources, device=device)[:, None], columns.to(device)
         cache = DynamicCache()
         for layer, (keys, values, _) in enumerate(kept.cache):
@@ -166,6 +185,17 @@ class FastSampler:
             self.reason = reason
             warnings.warn(f"fast_sampling: off ({reason}); TRL's transformers path samples", stacklevel=3)
         self.keep_cache = bool(trainer.tools)  # only the tool loop continues a call's rows
+        layout_options = [
+            name for name in LAYOUT_OPTIONS if self.reason is None and getattr(trainer.generation_config, name)
+        ]
+        if self.keep_cache and layout_options:
+            self.keep_cache = False
+            warnings.warn(
+                f"fast_sampling: tool rounds prefill the whole conversation ({', '.join(layout_options)} reads the "
+                "padding or the row length, which continuing from the cache changes)",
+                stacklevel=3,
+            )
+        self.pad_to_multiple_of = trainer.pad_to_multiple_of
         self.kept: KeptCache | None = None
         self.in_session = False
         self.logged: set[str] = set()
@@ -209,13 +239,16 @@ class FastSampler:
         self, model: torch.nn.Module, rows: list[list[int]], config: GenerationConfig, eos_token_ids: Sequence[int]
     ) -> list[list[int]]:
         """`sample` on an unwrapped model, under no_grad."""
-        pad = config.pad_token_id
-        batch = self.continued(rows, pad) if self.kept is not None else None
+        pad, trl_width = config.pad_token_id, max(map(len, rows))
+        if self.pad_to_multiple_of:
+            trl_width = -(-trl_width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = self.continued(rows, pad, trl_width) if self.kept is not None else None
         if batch is None:
             distinct = list(dict.fromkeys(map(tuple, rows)))
             source = {row: index for index, row in enumerate(distinct)}
             kept = prefill(model, distinct, pad)
-            batch = layout(rows, kept, [source[tuple(row)] for row in rows], [len(row) - 1 for row in rows], pad)
+            sources = [source[tuple(row)] for row in rows]
+            batch = layout(rows, kept, sources, [len(row) - 1 for row in rows], pad, trl_width)
         config = copy.copy(config)
         config.return_dict_in_generate = True  # for the cache at the end; sampling is unchanged
         output = model.generate(
@@ -227,7 +260,7 @@ class FastSampler:
             self.kept = self.after(batch, output.cache, rows, completions)
         return completions
 
-    def continued(self, rows: list[list[int]], pad: int) -> Batch | None:
+    def continued(self, rows: list[list[int]], pad: int, trl_width: int) -> Batch | None:
         """A `Batch` continuing `rows` from the kept cache, or None where a fresh shared prefill is cheaper."""
         kept = self.kept
         prefix = common_prefix_lengths(rows, kept.tokens)
@@ -238,7 +271,7 @@ class FastSampler:
         fresh_positions = len(distinct) * (max(map(len, rows)) - 1) + len(rows)
         if continued_positions > fresh_positions:
             return None
-        return layout(rows, kept, sources.tolist(), reused, pad)
+        return layout(rows, kept, sources.tolist(), reused, pad, trl_width)
 
     @staticmethod
     def after(batch: Batch, cache: DynamicCache, rows: list[list[int]], completions: list[list[int]]) -> KeptCache:

@@ -11,7 +11,7 @@ from conftest import random_qwen2
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.utils import pad
 
-from nanopost_trl.sampling import model_unsupported
+from nanopost_trl.sampling import FastSampler, model_unsupported
 
 GREEDY = {"generation_kwargs": {"do_sample": False}}
 NEW_TOKENS = 4  # sums of 2 digits end in EOS at the 3rd token, of 3 digits at the 4th
@@ -93,6 +93,32 @@ def test_tool_round_continues_from_the_cache(make):
     assert log.shapes[0][1] == max(map(len, next_rows)) - 1
 
 
+def test_repetition_penalty_sees_trls_tokens_in_every_round(make):
+    """The penalty counts the prompt's tokens, and the ids in the padding (the pad id, often EOS): each row of a
+    continued call carries the token set of its row on TRL's path, and greedy tokens are TRL's."""
+    penalty = {"repetition_penalty": 1.5, **GREEDY}
+    ours, trl = make(True, **penalty), make(False, **penalty)
+    ours.sampler.keep_cache = True
+    rows = prompt_rows(ours, repeats=2)
+    pad_id = ours.tokenizer.pad_token_id
+    with ours.sampler.session():
+        first, _ = ours._generate_single_turn(rows, None, {}, 2)
+        assert first == trl._generate_single_turn(rows, None, {}, 2)[0]
+        # the longest rows get no new tokens but their last sampled one, the others 4 more: the longest rows of
+        # TRL's layout (no padding there) have padding here, between their cached and new tokens
+        histories = [row + c for row, c in zip(rows, first, strict=True)]
+        longest = max(map(len, histories))
+        next_rows = [history + (history[:2] * 2 if len(history) < longest else []) for history in histories]
+        width = max(map(len, next_rows))
+        batch = ours.sampler.continued(next_rows, pad_id, width)
+        second, _ = ours._generate_single_turn(next_rows, None, {}, 1)
+    unpadded_on_trls = [len(row) == width for row in next_rows]
+    assert any(unpadded_on_trls) and not batch.attention_mask[unpadded_on_trls].bool().all()
+    trl_sets = [set(row) | ({pad_id} if len(row) < width else set()) for row in next_rows]
+    assert [set(row.tolist()) for row in batch.input_ids] == trl_sets
+    assert second == trl._generate_single_turn(next_rows, None, {}, 1)[0]
+
+
 def test_sampled_tokens_logprobs_equal_the_learners(make):
     ours = make(True)  # sampling at the run's temperature, fp32
     rows = prompt_rows(ours)
@@ -141,6 +167,16 @@ def test_unsupported_option_falls_back_saying_why_once(make):
     assert reasons == ["fast_sampling: off (cache_implementation='static' (the fast sampler keeps a DynamicCache)); "
                        "TRL's transformers path samples"]  # fmt: skip
     assert log.shapes[0][0] == len(rows)
+
+
+def test_options_that_read_the_padding_keep_tool_rounds_on_trls_layout(make):
+    trainer = make(True, generation_kwargs={"no_repeat_ngram_size": 3})
+    trainer.tools = [len]  # as a tool task's trainer
+    with pytest.warns(UserWarning, match=r"tool rounds prefill the whole conversation \(no_repeat_ngram_size"):
+        sampler = FastSampler(trainer, enabled=True)
+    assert sampler.reason is None and not sampler.keep_cache
+    trainer.generation_config.no_repeat_ngram_size = None
+    assert FastSampler(trainer, enabled=True).keep_cache
 
 
 def test_multimodal_call_takes_trls_path_saying_so_once(make):
