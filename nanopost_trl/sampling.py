@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.configuration_utils import GenerationMode
 from trl.models import unwrap_model_for_generation
 
@@ -40,6 +40,15 @@ SAMPLING_MODES = (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
 # options that read a row's padding or absolute length, which a continued row's layout changes (`layout` keeps the
 # token set only): with one set, each call prefills its rows in full (still each distinct row once)
 LAYOUT_OPTIONS = ("no_repeat_ngram_size", "min_length", "sequence_bias")
+# options that count from the start of `generate` (or the clock), which `decode`'s restarts would reset
+COUNTING_OPTIONS = (
+    "min_new_tokens",
+    "min_length",
+    "begin_suppress_tokens",
+    "exponential_decay_length_penalty",
+    "max_time",
+    "watermarking_config",
+)
 
 
 @dataclasses.dataclass
@@ -174,6 +183,60 @@ def trainer_unsupported(trainer: Any) -> str | None:
     return model_unsupported(trainer.accelerator.unwrap_model(trainer.model))
 
 
+class HalfEnded(StoppingCriteria):
+    """Stops `generate` once half of its rows have ended (an EOS after column `start`): the rest go on in a smaller
+    batch (`decode`)."""
+
+    def __init__(self, start: int, eos_token_ids: torch.Tensor) -> None:
+        self.start, self.eos_token_ids = start, eos_token_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        ended = torch.isin(input_ids[:, self.start :], self.eos_token_ids).any(dim=1)
+        return torch.full_like(ended, bool(ended.float().mean() >= 0.5))
+
+
+def shrinks(config: GenerationConfig) -> bool:
+    """Whether `decode` may restart `generate` on the rows still running: no option counts from its start."""
+    return config.max_new_tokens is not None and not any(getattr(config, name, None) for name in COUNTING_OPTIONS)
+
+
+def decode(
+    model: torch.nn.Module, batch: Batch, config: GenerationConfig, eos_token_ids: Sequence[int], shrink: bool
+) -> tuple[list[list[int]], DynamicCache | None]:
+    """The tokens `generate` samples after each row of `batch` (to `max_new_tokens`, pad after EOS), and the cache at
+    the end. With `shrink`, `generate` stops once half of its rows have ended and restarts from its cache on the rest,
+    so ended rows stop costing a forward each step (each row's tokens and sampling options are unchanged: every
+    option reads the row, and the limit counts the tokens sampled so far)."""
+    config = copy.copy(config)
+    config.return_dict_in_generate = True  # for the cache; sampling is unchanged
+    eos = torch.tensor(list(eos_token_ids), device=batch.input_ids.device)
+    input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, batch.cache
+    running, generated = list(range(len(input_ids))), [[] for _ in input_ids]
+    budget = config.max_new_tokens
+    while True:
+        start = input_ids.size(1)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([HalfEnded(start, eos)] if shrink else []),
+        )
+        new = output.sequences[:, start:]
+        for row, tokens in zip(running, new.tolist(), strict=True):
+            generated[row] += tokens
+        budget = None if budget is None else budget - new.size(1)
+        going = ~torch.isin(new, eos).any(dim=1)
+        if not shrink or not budget or not going.any():
+            return generated, output.cache
+        kept = going.nonzero()[:, 0]
+        output.cache.batch_select_indices(kept)
+        input_ids, cache = output.sequences[kept], output.cache
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, new.size(1)), value=1)[kept]
+        running = [running[i] for i in kept.tolist()]
+        config.max_new_tokens = budget
+
+
 class FastSampler:
     """`trainer`'s transformers sampling with each row's shared prefix prefilled once (see the module docstring)."""
 
@@ -249,15 +312,11 @@ class FastSampler:
             kept = prefill(model, distinct, pad)
             sources = [source[tuple(row)] for row in rows]
             batch = layout(rows, kept, sources, [len(row) - 1 for row in rows], pad, trl_width)
-        config = copy.copy(config)
-        config.return_dict_in_generate = True  # for the cache at the end; sampling is unchanged
-        output = model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, cache=batch.cache, generation_config=config
-        )
-        width = batch.input_ids.size(1)
-        completions = [until_eos(row, eos_token_ids) for row in output.sequences[:, width:].tolist()]
-        if self.keep_cache and self.in_session:
-            self.kept = self.after(batch, output.cache, rows, completions)
+        keep = self.keep_cache and self.in_session
+        generated, cache = decode(model, batch, config, eos_token_ids, shrink=not keep and shrinks(config))
+        completions = [until_eos(row, eos_token_ids) for row in generated]
+        if keep:
+            self.kept = self.after(batch, cache, rows, completions)
         return completions
 
     def continued(self, rows: list[list[int]], pad: int, trl_width: int) -> Batch | None:

@@ -128,15 +128,27 @@ def test_repetition_penalty_sees_trls_tokens_in_every_round(make):
 
 
 def test_sampled_tokens_logprobs_equal_the_learners(make):
-    ours = make(True)  # sampling at the run's temperature, fp32
+    """Each generate forward's logits give the sampled tokens' log-probs: the batch shrinks to the running rows once
+    half of them have ended, and the log-probs equal the learner's recomputation (fp32)."""
+    ours = make(True)  # sampling at the run's temperature
     rows = prompt_rows(ours)
     torch.manual_seed(0)
     with ForwardLog(ours.model) as log:
         completions, _ = ours._generate_single_turn(rows, None, {}, 3)
-    steps = torch.stack(
-        [logits for shape, logits in zip(log.shapes, log.logits, strict=True) if shape[0] == len(rows)], dim=1
-    )
-    sampler = (steps / ours.temperature).log_softmax(-1)  # (rows, steps, vocab)
+    eos = ours.tokenizer.eos_token_id
+    steps = [(shape[0], logits) for shape, logits in zip(log.shapes, log.logits, strict=True) if shape[1] == 1]
+    sampler = torch.zeros(len(rows), max(map(len, completions)))
+    running, ended = list(range(len(rows))), set()
+    for step, (batch_rows, logits) in enumerate(steps):
+        assert batch_rows == len(running)
+        logprobs = (logits / ours.temperature).log_softmax(-1)
+        for index, row in enumerate(running):
+            if step < len(completions[row]):
+                sampler[row, step] = logprobs[index, completions[row][step]]
+        ended |= {row for row in running if len(completions[row]) == step + 1 and completions[row][-1] == eos}
+        if sum(row in ended for row in running) >= len(running) / 2:
+            running = [row for row in running if row not in ended]
+    assert min(batch_rows for batch_rows, _ in steps) < len(rows)  # it did shrink
     prompt_ids = pad([torch.tensor(r) for r in rows], padding_value=ours.tokenizer.pad_token_id, padding_side="left")
     prompt_mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0, padding_side="left")
     completion_ids = pad([torch.tensor(c) for c in completions], padding_value=ours.tokenizer.pad_token_id)
@@ -148,10 +160,9 @@ def test_sampled_tokens_logprobs_equal_the_learners(make):
             torch.cat([prompt_mask, completion_mask], dim=1),
             completion_ids.size(1),
         )[0]
-    sampled = sampler[:, : completion_ids.size(1)].gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     scored = completion_mask.bool()
     assert scored.sum() > len(rows)
-    torch.testing.assert_close(sampled[scored], learner[scored], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sampler[scored], learner[scored], rtol=1e-4, atol=1e-5)
 
 
 def test_switch_off_takes_trls_path(make):
