@@ -201,17 +201,25 @@ def shrinks(config: GenerationConfig) -> bool:
 
 
 def decode(
-    model: torch.nn.Module, batch: Batch, config: GenerationConfig, eos_token_ids: Sequence[int], shrink: bool
-) -> tuple[list[list[int]], DynamicCache | None]:
-    """The tokens `generate` samples after each row of `batch` (to `max_new_tokens`, pad after EOS), and the cache at
-    the end. With `shrink`, `generate` stops once half of its rows have ended and restarts from its cache on the rest,
-    so ended rows stop costing a forward each step (each row's tokens and sampling options are unchanged: every
-    option reads the row, and the limit counts the tokens sampled so far)."""
+    model: torch.nn.Module,
+    batch: Batch,
+    config: GenerationConfig,
+    eos_token_ids: Sequence[int],
+    shrink: bool,
+    keep: bool,
+) -> tuple[list[list[int]], DynamicCache | None, torch.Tensor | None]:
+    """The tokens `generate` samples after each row of `batch` (to `max_new_tokens`, pad after EOS), and with `keep`
+    the cache at the end and its attention mask, rows in `batch`'s order.
+
+    With `shrink`, `generate` stops once half of its rows have ended and restarts from its cache on the rest, so ended
+    rows stop costing a forward each step (each row's tokens and sampling options are unchanged: every option reads
+    the row, and the limit counts the tokens sampled so far); with `keep`, the ended rows' cache is set aside."""
     config = copy.copy(config)
     config.return_dict_in_generate = True  # for the cache; sampling is unchanged
     eos = torch.tensor(list(eos_token_ids), device=batch.input_ids.device)
     input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, batch.cache
     running, generated = list(range(len(input_ids))), [[] for _ in input_ids]
+    parts: list[tuple[list[int], DynamicCache, torch.Tensor]] = []  # ended rows, their cache and mask
     budget = config.max_new_tokens
     while True:
         start = input_ids.size(1)
@@ -225,16 +233,43 @@ def decode(
         new = output.sequences[:, start:]
         for row, tokens in zip(running, new.tolist(), strict=True):
             generated[row] += tokens
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, new.size(1)), value=1)
         budget = None if budget is None else budget - new.size(1)
         going = ~torch.isin(new, eos).any(dim=1)
         if not shrink or not budget or not going.any():
-            return generated, output.cache
+            if not keep:
+                return generated, None, None
+            if not parts:
+                return generated, output.cache, attention_mask
+            return generated, *assembled([*parts, (running, output.cache, attention_mask)])
+        if keep:
+            ended = (~going).nonzero()[:, 0]
+            part = DynamicCache()
+            for layer, (keys, values, _) in enumerate(output.cache):
+                part.update(keys[ended], values[ended], layer)
+            parts.append(([running[i] for i in ended.tolist()], part, attention_mask[ended]))
         kept = going.nonzero()[:, 0]
         output.cache.batch_select_indices(kept)
-        input_ids, cache = output.sequences[kept], output.cache
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, new.size(1)), value=1)[kept]
+        input_ids, cache, attention_mask = output.sequences[kept], output.cache, attention_mask[kept]
         running = [running[i] for i in kept.tolist()]
         config.max_new_tokens = budget
+
+
+def assembled(parts: list[tuple[list[int], DynamicCache, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache and attention mask of the rows of `parts` ((rows, cache, mask) each; the rows of all parts number
+    them 0..n-1), in row order, right-padded (masked) to the widest part."""
+    width = max(mask.size(1) for _, _, mask in parts)
+    order = torch.tensor([row for rows, _, _ in parts for row in rows]).argsort().to(parts[0][2].device)
+
+    def stacked(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        padding = [0, 0] * (tensors[0].dim() - 1 - dim)
+        return torch.cat([torch.nn.functional.pad(t, [*padding, 0, width - t.size(dim)]) for t in tensors])[order]
+
+    cache = DynamicCache()
+    for layer, layers in enumerate(zip(*(part for _, part, _ in parts), strict=True)):
+        keys, values = (stacked([kv[i] for kv in layers], dim=2) for i in (0, 1))
+        cache.update(keys, values, layer)
+    return cache, stacked([mask for _, _, mask in parts], dim=1)
 
 
 class FastSampler:
@@ -313,10 +348,10 @@ class FastSampler:
             sources = [source[tuple(row)] for row in rows]
             batch = layout(rows, kept, sources, [len(row) - 1 for row in rows], pad, trl_width)
         keep = self.keep_cache and self.in_session
-        generated, cache = decode(model, batch, config, eos_token_ids, shrink=not keep and shrinks(config))
+        generated, cache, mask = decode(model, batch, config, eos_token_ids, shrinks(config), keep)
         completions = [until_eos(row, eos_token_ids) for row in generated]
         if keep:
-            self.kept = self.after(batch, cache, rows, completions)
+            self.kept = self.after(cache, mask, rows, completions)
         return completions
 
     def continued(self, rows: list[list[int]], pad: int, trl_width: int) -> Batch | None:
@@ -333,11 +368,11 @@ class FastSampler:
         return layout(rows, kept, sources.tolist(), reused, pad, trl_width)
 
     @staticmethod
-    def after(batch: Batch, cache: DynamicCache, rows: list[list[int]], completions: list[list[int]]) -> KeptCache:
-        """The cache at the end of a `generate` call: each row's tokens and its last completion's, all but the last
-        sampled token (never fed back)."""
-        cached = cache.get_seq_length()
-        mask = torch.nn.functional.pad(batch.attention_mask, (0, cached - batch.attention_mask.size(1)), value=1)
+    def after(
+        cache: DynamicCache, mask: torch.Tensor, rows: list[list[int]], completions: list[list[int]]
+    ) -> KeptCache:
+        """The cache at the end of `decode` (`mask`: its attention mask, a column wider: the last sampled tokens are
+        never fed back): each row's tokens and its completion's but the last."""
         tokens = [row + completion[:-1] for row, completion in zip(rows, completions, strict=True)]
         columns = [row_mask.nonzero()[: len(row_tokens), 0] for row_mask, row_tokens in zip(mask, tokens, strict=True)]
         return KeptCache(cache, tokens, columns)

@@ -84,7 +84,9 @@ def test_tool_round_continues_from_the_cache(make):
     rows = prompt_rows(ours, repeats=2)
     tool_message = ours.tokenizer.encode("<|user|>17<|assistant|>", add_special_tokens=False)
     with ours.sampler.session():
-        first, _ = ours._generate_single_turn(rows, None, {}, 2)
+        with ForwardLog(ours.model) as first_log:
+            first, _ = ours._generate_single_turn(rows, None, {}, 2)
+        assert min(n for n, width in first_log.shapes if width == 1) < len(rows)  # ended rows set aside
         calling = list(zip(rows, first, strict=True))[
             ::3
         ]  # the rows that called a tool, each with a tool message of 1 to 3 tokens
