@@ -7,10 +7,13 @@ whole conversation. `FastSampler` replaces that path (`NanopostGRPOTrainer._gene
    for every row that shares them;
 2. inside a generation session (`session()`, one `_generate_and_score_completions`) with tools, the cache at the end
    of a call is kept, and the tool loop's next call continues each row from it: only the new tokens (the last
-   sampled token, the tool message, the next generation prompt) are prefilled.
+   sampled token, the tool message, the next generation prompt) are prefilled;
+3. once half of a `generate` call's rows have ended (EOS), it stops and restarts from its cache on the rows still
+   running (`decode`), so ended rows stop costing a forward each step (TRL's batch runs them to its longest row).
 Then transformers' `generate` continues from that cache with TRL's own GenerationConfig and the FULL token rows, so
 every logits processor and stopping criterion sees what it sees on TRL's path (the repetition penalty counts the
-prompt's tokens, stop strings read the whole row).
+prompt's tokens, stop strings read the whole row); options that count from the start of `generate`
+(`COUNTING_OPTIONS`, e.g. `min_new_tokens`) turn 3 off.
 
 Layout: a row is `[pad][cached tokens][pad][new tokens]`, the cached part right-aligned at the cache's width and the
 new part at the end, as `generate`'s left padding expects. Position ids count the unmasked tokens (`generate`'s
