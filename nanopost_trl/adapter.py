@@ -3,9 +3,10 @@
 Each override (the hooks listed in `trl_bridge.HOOKS`) is a short delegation to a feature in `nanopost_trl.learner`;
 everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top to bottom, a step is:
 1. `_generate_and_score_completions`: TRL samples (with the actor's weights under `sync_interval > 1`, the reference
-   on the device) and scores; `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole
-   groups, the groups it keeps, and the truncation flags join TRL's output; a few of the main process's rows go to
-   the completions log (`learner.CompletionsLog`).
+   on the device; without vLLM through `_generate_single_turn`: `nanopost_trl.sampling`) and scores;
+   `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole groups, the groups it keeps,
+   and the truncation flags join TRL's output; a few of the main process's rows go to the completions log
+   (`learner.CompletionsLog`).
 2. `_compute_loss`, per micro-batch: the policy's log-probs and entropies (`_get_per_token_logps_and_entropies`:
    TRL's fused LM head in `cfg`'s tiles, or the full logits), a `LearnerBatch`, the `LossFn`, checked, scaled for
    gradient accumulation as TRL does.
@@ -25,7 +26,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, config, learner, multiturn, trl_bridge
+from nanopost_trl import base, config, learner, multiturn, sampling, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
@@ -93,6 +94,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if self.entropy_control is not None:  # the controller starts from the loss's coefficient
             trl_bridge.set_entropy_state(self, self.loss_fn.entropy_coef, *trl_bridge.entropy_state(self)[1:])
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
+        self.sampler = sampling.FastSampler(self, cfg.fast_sampling)
 
     @property
     def group_size(self) -> int:
@@ -151,6 +153,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             self.reference.on_device(self.ref_model, self.accelerator.device),
             self.actor.weights(params) if staleness else nullcontext(),
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
+            self.sampler.session(),  # tool rounds continue from the cache of the call before, released after
         ):
             scored = [self._scored_groups(inputs, staleness)]
             refill = learner.GroupRefill(self.group_size, len(inputs), self.accelerator.num_processes)
@@ -211,6 +214,14 @@ class NanopostGRPOTrainer(GRPOTrainer):
                 completion_ids, self.max_completion_length, [*self.eos_token_ids, self.tokenizer.pad_token_id]
             ),
         }, keep
+
+    # --- sampling without vLLM: each distinct prompt prefilled once, tool rounds continued from the cache
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self.sampler.applies(images, multimodal_fields):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        return self.sampler.sample(self, prompt_ids), None  # no sampler log-probs, as TRL's transformers path
 
     # --- log-probs: TRL's fused LM head in the configured tiles, or the model's full logits
     def _get_per_token_logps_and_entropies(

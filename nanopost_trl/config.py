@@ -182,6 +182,14 @@ class TrainConfig:
             "compute shrinks by the group size. Falls back (and says why once) for models it cannot apply to."
         },
     )
+    fast_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Sample without vLLM with each distinct prompt prefilled once per group (its KV cache laid out "
+            "for the group's rows) and tool rounds continued from the cache: same sampling options and tokens as "
+            "TRL's transformers path. False: TRL's path. Falls back (and says why once) where it cannot apply."
+        },
+    )
     logprob_vocab_chunk: int | None = field(
         default=None,
         metadata={
