@@ -64,7 +64,7 @@ SERVER_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}  # the whole environ
 PRELOADED_MODULES = (
     "array", "bisect", "cmath", "collections", "copy", "ctypes", "dataclasses", "datetime", "decimal", "fractions",
     "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re", "socket", "statistics",
-    "string", "textwrap", "typing", "unicodedata",
+    "string", "textwrap", "typing", "unicodedata", "encodings.idna",  # idna: socket's host names
 )  # fmt: skip
 _FRAME = struct.Struct(">I")
 # Linux constants (sched.h, prctl.h, mount.h)
@@ -390,8 +390,8 @@ class _Server:
             self.requests.clear()
             self.running.clear()
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, signal.SIGINT):
-                signal.signal(signum, signal.SIG_DFL)
+            for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGXFSZ):  # Python ignores SIGXFSZ: a file too
+                signal.signal(signum, signal.SIG_DFL)  # large then ends the program, as `file_limit`
             os.setsid()
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(pipes[0], 1)
