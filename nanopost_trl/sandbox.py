@@ -2,8 +2,8 @@
 
 `Sandbox().run(program)` returns a `RunResult`: its `outcome` (ok, error, timeout, memory, output_limit, file_limit,
 signal, sandbox_error), exit code or signal, captured stdout/stderr (capped) and duration. `submit` returns a future;
-`map` runs many programs in parallel, at most `workers` at once (default: one per core; programs run at nice 10, so
-a trainer competing for the cores keeps its share).
+`map` runs many programs in parallel, at most `workers` at once (default: one per core: the trainer waits for the
+rewards while its programs run, and `workers` bounds the cores they take).
 
 How it works: a server process (this file, `python -I -S sandbox.py --serve`, started on first use with a scrubbed
 environment and stdlib only) forks one child per program. The child, before running a line of the program:
@@ -58,7 +58,6 @@ FIRST_UID = 61000  # slot k runs as uid/gid FIRST_UID + k (when the server is ro
 EXIT_MEMORY = 121  # the child's exit code when the program raised MemoryError (its address-space limit)
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # where any user can create files
 TMPFS_MB = 256  # size cap of each private tmpfs mount (server with a mount namespace)
-NICE = 10
 SERVER_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}  # the whole environment programs see
 # Imported by the server before it forks, so a program can import them whatever the file permissions.
 PRELOADED_MODULES = (
@@ -399,7 +398,6 @@ class _Server:
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             os.chdir(workdir)
             os.umask(0o077)
-            os.nice(NICE)
             _set_limits(limits, processes=uid is not None)
             if uid is not None:
                 os.setgroups([])
