@@ -3,12 +3,16 @@ and the per-kind counts a training step logs. Programs run in the real sandbox."
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 
+from nanopost_trl.config import Preset
 from nanopost_trl.rewards import Correctness, RewardAdapter, counting_graders
 from nanopost_trl.sandbox import Limits, Sandbox
 from nanopost_trl.tasks import code, resolve_tasks
+from nanopost_trl.trainer import Trainer
 
 LIMITS = Limits(wall_s=1.0, cpu_s=1, output_kb=64)
 
@@ -95,6 +99,19 @@ def test_extract_code_picks_the_block_that_defines_the_function():
 def test_replies_without_code_score_zero_and_count_as_missing(box):
     problem = code.generated_problem(code.FAMILIES[0], 3)
     assert grade(box, problem, ["def add_3(x): return x + 3"]) == ([0.0], {"program_missing": 1.0})
+
+
+def test_a_training_run_logs_the_counts_by_kind(tmp_path):
+    """TINY_SMOKE on `code`: the embedded model writes no code block, so each step counts its 8 programs missing."""
+    cfg = Preset.TINY_SMOKE.make(out_dir=str(tmp_path), eval_size=4, save_final_model=False)
+    summary = Trainer(cfg).run(tasks="code")
+    steps = [row for row in map(json.loads, summary.log_path.read_text().splitlines()) if "loss" in row]
+    assert len(steps) == cfg.num_steps
+    for row in steps:
+        assert {name: row[name] for name in row if name.startswith("program_")} == {
+            f"program_{kind}": 8.0 if kind == "missing" else 0.0 for kind in code.KINDS
+        }
+        assert row["sandbox_time_s"] == 0.0 and row["reward_mean"] == 0.0
 
 
 def test_reward_adapter_logs_every_kind_through_log_metric(box):
