@@ -5,9 +5,11 @@ The programs are what the code task runs: each generated problem's reference sol
 (one worker) vs `subprocess.run([python, "-I", "-S", "-c", program])` with output captured (the same interpreter
 flags as the sandbox server), and vs plain `python -c program`. Prints the time per program and the ratio (goal: the
 sandbox <= 1.10x bare). Part 2: the whole set through `Sandbox.map` with 1 and then 2 workers: programs per second,
-and the CPU seconds the server and its programs used per wall second (2.0 = both cores busy).
+and the CPU seconds the server and its programs used per wall second (2.0 = both cores busy); then the same with
+`--work` more arithmetic in each program (about 20 ms of CPU at the default), where the programs, not the server's
+fork and clean-up, take the time.
 
-    python benchmarks/sandbox.py [--programs 1000] [--block 50]
+    python benchmarks/sandbox.py [--programs 1000] [--block 50] [--work 300000]
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from nanopost_trl.tasks import code
 BARE_COMMANDS = {"bare python -I -S": [sys.executable, "-I", "-S", "-c"], "bare python": [sys.executable, "-c"]}
 
 
-def programs(count: int) -> list[tuple[str, str, int]]:
-    """(program, nonce, number of tests) of `count` reference solutions in their harness."""
+def programs(count: int, work: int = 0) -> list[tuple[str, str, int]]:
+    """(program, nonce, number of tests) of `count` reference solutions in their harness, each summing `work` squares
+    first."""
     pairs = itertools.islice(itertools.cycle(code.problems("train") + code.problems("test")), count)
     result = []
     for index, (family, constant) in enumerate(pairs):
         problem = code.generated_problem(family, constant)
         solution = code.extract_code(code.reference_solution(family, constant))
         nonce = f"{index:016x}"
-        result.append((code.harness_program(problem, solution, nonce), nonce, len(problem.tests)))
+        busy = f"sum(i * i for i in range({work}))\n" if work else ""
+        result.append((busy + code.harness_program(problem, solution, nonce), nonce, len(problem.tests)))
     return result
 
 
@@ -85,16 +89,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", type=int, default=1000)
     parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--work", type=int, default=300_000)
     args = parser.parse_args()
     items = programs(args.programs)
     per_program = one_at_a_time(items, args.block)
     print(f"{args.programs} programs, one at a time (mean ms per program):")
     for name, seconds in per_program.items():
         print(f"  {name:20s} {1000 * seconds:7.2f} ms   sandbox / this = {per_program['sandbox'] / seconds:.3f}")
-    rates = {workers: throughput(items, workers) for workers in (1, 2)}
-    for workers, (rate, busy) in rates.items():
-        print(f"  Sandbox.map, {workers} worker(s): {rate:7.1f} programs/s, {busy:.2f} CPU-s per wall-s")
-    print(f"  2 workers / 1 worker throughput: {rates[2][0] / rates[1][0]:.2f}x")
+    for label, batch in (("task programs", items), (f"+ {args.work} squares each", programs(args.programs, args.work))):
+        rates = {workers: throughput(batch, workers) for workers in (1, 2)}
+        for workers, (rate, busy) in rates.items():
+            print(f"  {label}, Sandbox.map, {workers} worker(s): {rate:7.1f} programs/s, {busy:.2f} CPU-s per wall-s")
+        print(f"  {label}, 2 workers / 1 worker throughput: {rates[2][0] / rates[1][0]:.2f}x")
     print(f"  load average at the end: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
 
 

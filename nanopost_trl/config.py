@@ -374,7 +374,7 @@ class Preset(enum.Enum):
             _SMOLLM_CPU_RUN,
             num_steps=8,
             prompts_per_step=4,
-            max_new_tokens=96,
+            max_new_tokens=64,
             learning_rate=2e-5,
             eval_every=4,
             eval_size=60,

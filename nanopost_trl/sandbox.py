@@ -137,7 +137,8 @@ class Sandbox:
         self.limits = limits
         self.isolation: dict[str, bool] = {}
         self.notes: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the server, the pending futures and the next request id
+        self._write_lock = threading.Lock()  # one request at a time on the server's stdin
         self._server: subprocess.Popen | None = None
         self._pending: dict[int, concurrent.futures.Future] = {}  # the current server's requests, by id
         self._next_id = 0
@@ -146,14 +147,17 @@ class Sandbox:
         """Queue `program` (Python source) and return a future of its `RunResult`."""
         future: concurrent.futures.Future[RunResult] = concurrent.futures.Future()
         request = {"program": program, "limits": dataclasses.asdict(limits or self.limits)}
-        with self._lock:
-            try:
-                server = self._running_server()
+        try:
+            with self._lock:
+                server, pending = self._running_server(), self._pending
                 request["id"] = self._next_id = self._next_id + 1
-                self._pending[request["id"]] = future
+                pending[request["id"]] = future
+            with self._write_lock:  # apart from `_lock`, which the reader needs while a full pipe blocks this write
                 _write_frame(server.stdin, request)
-            except (OSError, SandboxError) as error:
-                self._pending.pop(request.get("id"), None)
+        except (OSError, SandboxError) as error:
+            with self._lock:
+                lost = pending.pop(request["id"], None) if "id" in request else future
+            if lost is not None:  # else the reader already answered it (the server died)
                 future.set_result(RunResult(Outcome.SANDBOX_ERROR, stderr=f"sandbox unavailable: {error}"))
         return future
 
