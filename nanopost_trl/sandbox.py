@@ -16,17 +16,19 @@ a program at its wall-clock limit or output cap; after every program it kills al
 (a process that called `setsid()` to leave its group included) and deletes what that user left in the
 world-writable directories.
 
-The server also isolates itself once, at start, where Linux lets it without extra privileges (logged otherwise):
-a network namespace of its own (no interface up: no network, loopback included), and a mount namespace with private
-tmpfs mounts (size-capped) over the world-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock), so a program's
-files there never reach the host's. Forking a ready interpreter instead of starting one costs less than running the
-program bare in a new `python` process (benchmarks/sandbox.py).
+The server also isolates itself once, at start, where Linux lets it without extra privileges (logged otherwise; not
+root, inside a user namespace of its own first): a network namespace of its own (no interface up: no network, loopback
+included), and a mount namespace with private tmpfs mounts (size-capped) over the world-writable directories (/tmp,
+/var/tmp, /dev/shm, /run/lock), so a program's files there never reach the host's. Forking a ready interpreter instead
+of starting one costs less than running the program bare in a new `python` process (benchmarks/sandbox.py).
 
-Limits (README, "The code task and its sandbox"): a program shares the kernel, can read every world-readable file,
-can use as much CPU as its limits allow, and can reach Unix sockets on the file system that their permissions open
-to any user. Without root there is no separate user id: no process limit (RLIMIT_NPROC counts all of the user's
-processes), and programs can read the user's files. Modules the server did not import (`PRELOADED_MODULES`) are
-imported by the program's user id, which may not be able to read them (e.g. a Python under /root).
+Limits (README, "The code task and its sandbox"): a program shares the kernel, can read every world-readable file, can
+use as much CPU as its limits allow, and can reach Unix sockets on the file system that their permissions open to any
+user. Without root there is no separate user id: programs can read the user's files, a process that left its group
+outlives its program, and the process limit (inside the user namespace; none without one, as RLIMIT_NPROC would count
+all of the user's processes) is `processes` per worker for all programs together. Modules the server did not import
+(`PRELOADED_MODULES`) are imported by the program's user id, which may not be able to read them (e.g. a Python under
+/root).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class Limits:
     wall_s: float = 5.0  # wall-clock seconds, then the program and all its processes are killed
     cpu_s: int = 5  # CPU seconds (RLIMIT_CPU)
     memory_mb: int = 512  # address space (RLIMIT_AS)
-    processes: int = 16  # processes and threads of its user id (RLIMIT_NPROC; root servers only)
+    processes: int = 16  # processes and threads of its user id (RLIMIT_NPROC; not root: of all programs together)
     file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
     open_files: int = 64  # RLIMIT_NOFILE
     output_kb: int = 256  # stdout + stderr kept; past it the program is killed
@@ -255,16 +257,25 @@ def _libc_call(name: str, *arguments: Any) -> None:
 def _isolate(root: bool) -> tuple[dict[str, bool], list[str]]:
     """Enter new network and mount namespaces where allowed, with private tmpfs over the world-writable
     directories; what was obtained, and why the rest was not."""
-    isolation = {"separate_user": root, "network": False, "private_tmp": False}
-    notes = [] if root else ["not root: programs run as this user, without a process limit, and can read its files"]
-    user_namespace = 0 if root else CLONE_NEWUSER  # unprivileged: a user namespace makes the others allowed
+    isolation = {"separate_user": root, "process_limit": root, "network": False, "private_tmp": False}
+    notes = [] if root else ["not root: programs run as this user and can read its files"]
+    if not root:  # a user namespace (this uid mapped to itself) lets an unprivileged server create the others, and
+        uid, gid = os.getuid(), os.getgid()  # RLIMIT_NPROC then counts the processes in it, not all of the user's
+        try:
+            _libc_call("unshare", CLONE_NEWUSER)
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as file:
+                    file.write(text)
+            isolation["process_limit"] = True
+        except OSError as error:
+            notes.append(f"no user namespace ({error}): no process limit (RLIMIT_NPROC would count all your processes)")
     try:
-        _libc_call("unshare", CLONE_NEWNET | user_namespace)
+        _libc_call("unshare", CLONE_NEWNET)
         isolation["network"] = True
     except OSError as error:
         notes.append(f"no network namespace ({error}): programs can open network connections")
     try:
-        _libc_call("unshare", CLONE_NEWNS | user_namespace if not isolation["network"] else CLONE_NEWNS)
+        _libc_call("unshare", CLONE_NEWNS)
         _libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing below propagates to the host
         for directory in WORLD_WRITABLE:
             if os.path.isdir(directory) and not os.path.islink(directory):
@@ -272,10 +283,9 @@ def _isolate(root: bool) -> tuple[dict[str, bool], list[str]]:
                 _libc_call("mount", b"tmpfs", directory.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options)
         isolation["private_tmp"] = True
     except OSError as error:
-        notes.append(
-            f"no mount namespace ({error}): a program's files in {', '.join(WORLD_WRITABLE)} are visible to others "
-            "while it runs (deleted after it)"
-        )
+        cleanup = "deleted after it" if root else "and after it"
+        notes.append(f"no mount namespace ({error}): a program's files in {', '.join(WORLD_WRITABLE)} are visible to "
+                     f"others while it runs ({cleanup})")  # fmt: skip
     return isolation, notes
 
 
@@ -307,6 +317,7 @@ class _Server:
             _libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphaned grandchildren are reaped here
         except OSError as error:
             self.notes.append(f"not a child subreaper ({error})")
+        self.workers = workers
         self.slots = list(range(workers))
         self.uids = [FIRST_UID + slot for slot in self.slots] if self.root else []
         for uid in self.uids:
@@ -385,6 +396,13 @@ class _Server:
                 request["id"], pid, slot, workdir, limits, started + limits["wall_s"], started, output, set(output)
             )
 
+    def process_limit(self, processes: int) -> int | None:
+        """A program's RLIMIT_NPROC: `processes` of its own uid (root); not root, in a user namespace: the count of
+        the namespace's processes, so `processes` per worker for all programs together, plus the server."""
+        if self.root:
+            return processes
+        return processes * self.workers + 1 if self.isolation["process_limit"] else None
+
     def _child(self, program: str, limits: dict, workdir: str, uid: int | None, pipes: list[int]) -> None:
         """In the forked child: confine this process, then run `program`; never returns."""
         code = 1
@@ -402,7 +420,7 @@ class _Server:
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             os.chdir(workdir)
             os.umask(0o077)
-            _set_limits(limits, processes=uid is not None)
+            _set_limits(limits, self.process_limit(limits["processes"]))
             if uid is not None:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
@@ -494,7 +512,7 @@ class _Server:
         _write_frame(sys.stdout.buffer, {"id": program.request_id, **result})
 
 
-def _set_limits(limits: dict, processes: bool) -> None:
+def _set_limits(limits: dict, processes: int | None) -> None:
     """Soft = hard limits (the program cannot raise them), CPU's hard one second later (SIGXCPU first)."""
     megabyte = 1024 * 1024
     values = {
@@ -504,8 +522,8 @@ def _set_limits(limits: dict, processes: bool) -> None:
         resource.RLIMIT_NOFILE: (limits["open_files"],) * 2,
         resource.RLIMIT_CORE: (0, 0),
     }
-    if processes:
-        values[resource.RLIMIT_NPROC] = (limits["processes"],) * 2
+    if processes is not None:
+        values[resource.RLIMIT_NPROC] = (processes,) * 2
     for limit, value in values.items():
         resource.setrlimit(limit, value)
 
