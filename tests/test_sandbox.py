@@ -109,6 +109,9 @@ def test_hostile_program_is_contained_and_counted(box, name):
     program, kind = HOSTILE[name]
     if name == "kill_everyone" and os.geteuid() != 0:
         pytest.skip("not root: programs run as this user, whose processes kill(-1) would reach (README: limits)")
+    box.run("pass")  # the server starts: its isolation is known
+    if name == "fork_bomb" and not box.isolation["process_limit"]:
+        pytest.skip(f"no process limit here ({box.notes}): a fork bomb would reach the machine (README: limits)")
     score, counts, elapsed = grade_hostile(box, program)
     assert score == 0.0
     assert counts == {f"program_{kind}": 1.0}
