@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import dataclasses
 import enum
+import errno
 import json
 import logging
 import os
@@ -133,6 +134,8 @@ class Sandbox:
     """
 
     def __init__(self, workers: int | None = None, limits: Limits = Limits()) -> None:
+        if not sys.platform.startswith("linux"):
+            raise SandboxError(f"the sandbox runs on Linux only (fork, namespaces, /proc), not on {sys.platform}")
         self.workers = workers or len(os.sched_getaffinity(0))
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
@@ -248,8 +251,10 @@ def _read_frame(stream: Any) -> dict | None:
 
 def _libc_call(name: str, *arguments: Any) -> None:
     """Call libc's `name`; raise OSError on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if getattr(libc, name)(*arguments) != 0:
+    function = getattr(ctypes.CDLL(None, use_errno=True), name, None)
+    if function is None:
+        raise OSError(errno.ENOSYS, f"{name}: not in this C library")
+    if function(*arguments) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"{name}: {os.strerror(error)}")
 
