@@ -395,6 +395,20 @@ class Preset(enum.Enum):
         hardware="2 CPU cores",
         task="multiplication",
     )
+    # SmolLM2 writes Python functions, run in the sandbox: benchmarks/RESULTS.md, "A real LLM on the code task"
+    SMOLLM_CODE_CPU = PresetSpec(
+        dict(
+            _SMOLLM_CPU_RUN,
+            num_steps=8,
+            prompts_per_step=4,
+            max_new_tokens=64,
+            learning_rate=2e-5,
+            eval_every=4,
+            eval_size=60,
+        ),
+        hardware="2 CPU cores",
+        task="code",
+    )
     QWEN_0_5B_SMOKE = PresetSpec(
         dict(
             model=QWEN_0_5B,

@@ -4,7 +4,9 @@ A RewardFn returns one float per completion, or NaN for a completion it could no
 past its time limit); the trainer turns NaN into 0.0 and logs the count as `reward_errors`. `safe_grade` is the
 per-completion guard: it never lets a grader crash or hang the run, and counts what it caught in the innermost
 `counting_graders()` block (training's reward calls run in one; the held-out evaluation's do not, so an eval time-out
-never shows up in a training step's `reward_timeouts`). `RewardAdapter` hands a RewardFn to TRL.
+never shows up in a training step's `reward_timeouts`). A grader counts events of its own there with
+`count_grader_event` (the code task: how each program ended, `sandbox_*`), which `RewardAdapter` logs through TRL's
+`log_metric`. `RewardAdapter` hands a RewardFn to TRL.
 
 Timeout mechanism: in the main thread, `signal.setitimer(ITIMER_REAL)` + a SIGALRM handler that raises
 `GraderTimeout`, which interrupts a hung pure-Python grader (a loop, a `time.sleep`, sympy) at its next bytecode.
@@ -57,6 +59,12 @@ def counting_graders() -> Iterator[collections.Counter[str]]:
         yield counts
     finally:
         _grader_counts.remove(counts)
+
+
+def count_grader_event(name: str, amount: float = 1.0) -> None:
+    """Add `amount` to `name` in the innermost `counting_graders()` block; outside one, nothing counts it."""
+    if _grader_counts:
+        _grader_counts[-1][name] += amount
 
 
 class GraderTimeout(BaseException):
@@ -134,12 +142,19 @@ def safe_grade(eval_fn: Callable[[str], float], completion: str, timeout_s: floa
 
 @dataclasses.dataclass
 class Correctness(RewardFn):
-    """The task's own grader, `instance.eval_fn(completion)`, each call guarded by `safe_grade`."""
+    """The task's own grader, `instance.eval_fn(completion)`, each call guarded by `safe_grade`.
+
+    An eval_fn with a `prefetch(completion)` method (the code task's: it starts the program in the sandbox) gets
+    every completion first, so that such graders run in parallel; the guarded calls then collect the results.
+    """
 
     timeout_s: float = DEFAULT_TIMEOUT_S
     name: str = "correctness"
 
     def __call__(self, completions: list[str], instances: list[TaskInstance]) -> list[float]:
+        for completion, instance in zip(completions, instances, strict=True):
+            if hasattr(instance.eval_fn, "prefetch"):
+                instance.eval_fn.prefetch(completion)
         return [
             safe_grade(instance.eval_fn, completion, self.timeout_s)
             for completion, instance in zip(completions, instances, strict=True)
@@ -228,7 +243,9 @@ class RewardAdapter:
     `tool_calls`, and the `tool` results), and one that declares `environments` the episode's environment instances.
 
     A grader that raises, or a score that is NaN/inf/not a number, scores 0.0 and is counted in `errors`; graders
-    that ran past their time limit are counted in `timeouts` too. `take_counts()` reads and clears both.
+    that ran past their time limit are counted in `timeouts` too. `take_counts()` reads and clears both. The other
+    counts of `count_grader_event` during the call go to TRL's `log_metric` (its per-call value, averaged over calls
+    and processes).
     """
 
     def __init__(self, reward_fn: Callable, instances: Sequence[TaskInstance]) -> None:
@@ -252,6 +269,9 @@ class RewardAdapter:
                 warnings.warn(f"reward {self.__name__!r} raised {error!r}; scoring this batch 0", stacklevel=2)
                 scores = [math.nan] * len(texts)
         self.timeouts += counts["timeouts"]
+        if "log_metric" in kwargs:
+            for name in sorted(counts.keys() - {"errors", "timeouts"}):
+                kwargs["log_metric"](name, float(counts[name]))
         if len(scores) != len(texts):
             raise ValueError(f"reward {self.__name__!r} returned {len(scores)} scores for {len(texts)} completions")
         cleaned = [to_finite_score(score) for score in scores]

@@ -23,6 +23,7 @@ class TaskLoader(Protocol):
 TASK_MODULES: dict[str, str] = {
     "addition": "addition",
     "arithmetic": "arithmetic",
+    "code": "code",
     "countdown": "countdown",
     "gsm8k": "gsm8k",
     "math": "math",
