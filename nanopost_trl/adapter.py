@@ -15,6 +15,7 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner, multiturn, trl_bridge
+from nanopost_trl import base, checkpoints, learner, multiturn, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
@@ -67,6 +68,10 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if cfg.offload_reference and self.ref_model is not None:
             self.ref_model.to("cpu")
         self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
+
+    # --- checkpoints: written into a staging directory, checked, renamed into place (`checkpoints.save_checkpoint`)
+    def _save_checkpoint(self, model, trial):
+        checkpoints.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial))
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -14,6 +14,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nanopost_trl.checkpoints import latest_checkpoint
 from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import convert_field, make_dataclass
 
@@ -139,6 +140,13 @@ class TrainConfig:
     num_completions_to_print: int | None = field(
         default=None, metadata={"help": "log_completions: rows of TRL's table (None: the whole step)."}
     )
+    collective_timeout_s: int = field(
+        default=120,
+        metadata={
+            "help": "Multi-process runs: seconds a process waits in a collective, and for a silent peer, before it "
+            "stops naming the lost rank (torch's own default is 10-30 minutes)."
+        },
+    )
     skip_nonfinite: bool = field(
         default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
     )
@@ -241,6 +249,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"TrainConfig.vllm_mode must be one of {', '.join(VLLM_MODES)}, got {self.vllm_mode!r}")
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"TrainConfig.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         if self.completions_per_step_logged < 0:
             raise ValueError(
                 f"TrainConfig.completions_per_step_logged must be >= 0 (0: off), got {self.completions_per_step_logged}"
@@ -551,12 +561,6 @@ def micro_batches(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
     return micro_batch, per_process // micro_batch
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete `checkpoint-N` in `directory` (one killed mid-save has no trainer_state.json yet)."""
-    complete = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
-
-
 def run_to_resume(cfg: TrainConfig) -> str:
     """The run `--resume latest` continues: `cfg.run_name`, else the run in `out_dir` with the newest complete
     checkpoint. A ValueError when there is none to resume."""
@@ -622,6 +626,7 @@ def to_grpo_config(
         max_tool_calling_iterations=cfg.max_tool_calling_iterations,
         reward_weights=reward_weights,
         seed=cfg.seed,
+        ddp_timeout=cfg.collective_timeout_s,
         logging_steps=1,
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500,

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base
+from nanopost_trl.checkpoints import DiskError, disk_error_kind, disk_error_message
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.evaluation import held_out_scores
 from nanopost_trl.utils import read_rows
@@ -78,11 +79,22 @@ def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: 
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it, so a kill mid-run loses at most the line being written."""
+    """Append one JSON line and fsync it, so a kill mid-run loses at most the line being written. A write that fails
+    (a full disk) is cut back off, so the log never holds a partial row, and stops the run with a one-line
+    `DiskError`."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        end = f.tell()
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as error:
+            f.truncate(end)
+            kind = disk_error_kind(error)
+            if kind is None:
+                raise
+            message = f"{disk_error_message(kind, path, None)}; the log ends at the row before step {row['step']}"
+            raise DiskError(message) from error
 
 
 def truncate_after(path: Path, step: int) -> None:

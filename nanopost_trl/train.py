@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from nanopost_trl import memory
+from nanopost_trl import faults, memory
+from nanopost_trl.checkpoints import DiskError
 from nanopost_trl.config import TRL_NAMES, Preset, TrainConfig, micro_batches, run_to_resume, translate_trl_names
 from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_model
@@ -242,13 +243,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     resume = True if run_args.resume == "latest" else run_args.resume
 
+    from accelerate import PartialState
+
     from nanopost_trl.trainer import Trainer
 
     try:
         summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
-    except HubDataUnavailable as error:  # tasks load before the model: one line, no traceback
+    except faults.Preempted as stop:  # the checkpoint is saved: say how to go on, exit with the requeue code
+        if PartialState().is_main_process:
+            say(f"resume: {faults.resume_command(argv, stop.run_name)}")
+        sys.exit(stop.code)
+    # tasks load before the model; a full disk, a lost process, no checkpoint to resume: one line, no traceback
+    except (HubDataUnavailable, DiskError, faults.LostProcess, FileNotFoundError) as error:
         sys.exit(f"nanopost-trl: error: {error}")
-    from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(summary)
