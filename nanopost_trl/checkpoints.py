@@ -1,6 +1,6 @@
 """Checkpoints and the final model written whole or not at all, and checked before a resume trusts them.
 
-A save writes into `{run_dir}/.saving/{name}`; once every process has written its part, the weights are opened, each
+A save writes into `{out_dir}/.saving/{run_name}/{name}`; once every process has written its part, the weights are opened, each
 file's size and sha256 go to `manifest.json`, and the directory is renamed to `{run_dir}/{name}` (one rename: a
 reader sees the whole checkpoint or none). A full disk or a refused write stops the run with `DiskError` (one line:
 the path, the space needed and free) and leaves the earlier checkpoints as they were. `resume_point` returns the
@@ -9,6 +9,7 @@ newest checkpoint whose files still match their manifest, naming the ones it ski
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-STAGING = ".saving"  # {run_dir}/.saving/{name}: a save in progress, never read
+STAGING = ".saving"  # {out_dir}/.saving/{run_name}/{name}: a save in progress, never read
 PREFIX = "checkpoint-"
 # errno -> what to call it; a write that fails with one of these stops the run in one line
 DISK_ERRORS = {
@@ -156,7 +157,7 @@ def save_atomically(
     """
     from accelerate.utils import broadcast_object_list, gather_object
 
-    staging = target.parent / STAGING / target.name
+    staging = staging_dir(target)
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)  # left by a save that was killed
     accelerator.wait_for_everyone()
@@ -172,8 +173,13 @@ def save_atomically(
     problems = broadcast_object_list([problems])[0]
     if problems:
         if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_staging(staging)
         raise DiskError(problems[0])
+
+
+def staging_dir(target: Path) -> Path:
+    """Where a save of `target` ({out_dir}/{run_name}/{name}) is written first: {out_dir}/.saving/{run_name}/{name}."""
+    return target.parent.parent / STAGING / target.parent.name / target.name
 
 
 def _merged(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -201,8 +207,17 @@ def _commit(staging: Path, target: Path, records: dict[str, Any]) -> None:
     staging.rename(target)
     _fsync_directory(target.parent)
     shutil.rmtree(replaced, ignore_errors=True)
-    if not any(staging.parent.iterdir()):
-        staging.parent.rmdir()
+    for path in staging.parent.iterdir():  # what the writer put beside the checkpoint (TRL's model card) goes beside it
+        if path.is_file():
+            os.replace(path, target.parent / path.name)
+    _remove_staging(staging)
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove the run's staging directory, and `.saving` once no run is saving."""
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.parent.rmdir()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -215,7 +230,8 @@ def _fsync_directory(directory: Path) -> None:
 
 def save_checkpoint(trainer, save: Callable[[], None]) -> None:
     """transformers' `_save_checkpoint` (`save`, which writes `{args.output_dir}/checkpoint-{step}`) made atomic: for
-    the call, `args.output_dir` is the staging directory's parent."""
+    the call, `args.output_dir` is the staging directory's parent (named like the run directory, as TRL's model card
+    reads it)."""
     run_dir = Path(trainer.args.output_dir)
 
     def write(staging: Path) -> None:

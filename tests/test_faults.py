@@ -1,0 +1,216 @@
+"""The faults of a real cluster, each injected for real: a SIGTERM to a running CLI run, a truncated weights file, a
+full (tmpfs) disk, and, in the slow tests, a SIGKILLed or hung process of a 2-process `accelerate launch` and an
+elastic restart. Each checks the run log (every step exactly once, no partial row) and the model left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ENV, REPO, launch_command
+from transformers import AutoModelForCausalLM
+
+from nanopost_trl import checkpoints, faults
+from nanopost_trl.config import Preset
+from nanopost_trl.run_log import append_row
+from nanopost_trl.trainer import Trainer
+from nanopost_trl.utils import read_rows
+
+
+def smoke(out_dir: Path, **overrides):
+    return Preset.TINY_SMOKE.make(out_dir=str(out_dir), run_name="r", **overrides)
+
+
+def steps(log: Path) -> list[int]:
+    return [row["step"] for row in read_rows(log)]
+
+
+def assert_whole_lines(log: Path) -> None:
+    """Every line of the log is a complete JSON row (none cut off)."""
+    for line in log.read_text().splitlines():
+        assert "step" in json.loads(line)
+
+
+# --- atomic, verified checkpoints
+def test_saves_are_renamed_into_place_whole_and_resume_skips_a_truncated_checkpoint(tmp_path):
+    Trainer(smoke(tmp_path, num_steps=4, save_every=2)).run(tasks="addition")
+    run_dir = tmp_path / "r"
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert not (tmp_path / checkpoints.STAGING).exists()  # no staging directory left behind
+    for saved in ("checkpoint-2", "checkpoint-4", "final"):
+        assert checkpoints.verify(run_dir / saved) is None
+    manifest = json.loads((run_dir / "checkpoint-4" / checkpoints.MANIFEST).read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(manifest)
+
+    weights = run_dir / "checkpoint-4" / "model.safetensors"  # as if copied back from a failed sync
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"resuming from checkpoint-2, skipping .*checkpoint-4: model\.safetensors has"):
+        summary = Trainer(smoke(tmp_path, num_steps=6, save_every=2)).run(tasks="addition", resume=True)
+    assert steps(summary.log_path) == list(range(7))  # steps 3 and 4 again, from checkpoint-2: each exactly once
+    assert checkpoints.verify(run_dir / "checkpoint-4") is None  # saved again, whole
+    assert AutoModelForCausalLM.from_pretrained(summary.model_dir) is not None
+
+
+def test_resume_with_no_verified_checkpoint_left_is_a_one_line_error(tmp_path):
+    Trainer(smoke(tmp_path, num_steps=2, save_every=2, save_final_model=False)).run(tasks="addition")
+    (tmp_path / "r" / "checkpoint-2" / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint .* \(checkpoint-2: optimizer\.pt is missing\)"):
+        Trainer(smoke(tmp_path, num_steps=4)).run(tasks="addition", resume=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real small file system at `path` (tmpfs), unmounted afterwards; skips where mounting is not allowed."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    with tmpfs(tmp_path / "disk", "40m") as disk:  # one checkpoint (~32 MB) fits, a second does not
+        with pytest.raises(checkpoints.DiskError) as stopped:
+            Trainer(smoke(disk, num_steps=6, save_every=2)).run(tasks="addition")
+        message = str(stopped.value)
+        assert "\n" not in message
+        assert f"cannot write {disk / 'r' / 'checkpoint-4'}: no space left on device (needs about 0.03 GB" in message
+        assert [p.name for p in (disk / "r").iterdir() if p.is_dir()] == ["checkpoint-2"]  # the latest still
+        assert not (disk / checkpoints.STAGING).exists()  # the partial save was removed
+        assert checkpoints.resume_point(disk / "r")[0] == disk / "r" / "checkpoint-2"
+        assert AutoModelForCausalLM.from_pretrained(disk / "r" / "checkpoint-2") is not None
+        assert_whole_lines(disk / "r.jsonl")
+        assert steps(disk / "r.jsonl") == [0, 1, 2, 3, 4]
+
+
+def test_a_full_disk_leaves_no_partial_row_in_the_log(tmp_path):
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        log = disk / "r.jsonl"
+        append_row(log, {"step": 1, "reward_mean": 0.5})
+        with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:  # fill the disk up to its last block
+                filler.write(b"x" * 512)
+        with pytest.raises(checkpoints.DiskError, match=r"r\.jsonl: no space left on device; the log ends at the row"):
+            append_row(log, {"step": 2, "text": "y" * 8192})
+        assert steps(log) == [1] and log.read_text().endswith("\n")
+
+
+# --- preemption
+SIGNAL_RUN = ("--preset", "TINY_SMOKE", "--prompts_per_step", "4", "--max_new_tokens", "24", "--eval_size", "4")
+
+
+def cli(out_dir: Path, num_steps: int, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "nanopost_trl.train", *SIGNAL_RUN, "--num_steps", str(num_steps),
+        "--out_dir", str(out_dir), "--run_name", "r", *args,
+    ]  # fmt: skip
+
+
+ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1"}
+
+
+def signal_during_run(out_dir: Path, num_steps: int, delay_s: float, *args: str) -> tuple[int, int, str]:
+    """Start the CLI run, send SIGTERM `delay_s` after its first training row, (then a second SIGTERM at once:
+    the save must not be cut); return (its exit code, the last step logged when the signal went, its stderr)."""
+    log = out_dir / "r.jsonl"
+    process = subprocess.Popen(cli(out_dir, num_steps, *args), stderr=subprocess.PIPE, text=True, cwd=REPO, env=ONE_THREAD)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and max(steps(log), default=0) >= 1) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(delay_s)
+    logged = max(steps(log))
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, logged, stderr
+
+
+def check_stopped_within_a_step(out_dir: Path, returncode: int, logged: int, stderr: str) -> int:
+    """The run stopped after the step the signal arrived in (or the next), saved it, and says how to resume."""
+    if returncode == 0:  # the signal came during the last step: the run finished and saved its final model
+        return -1
+    assert returncode == faults.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    stopped = max(steps(out_dir / "r.jsonl"))
+    assert logged <= stopped <= logged + 1, (logged, stopped)
+    assert checkpoints.resume_point(out_dir / "r")[0] == out_dir / "r" / f"checkpoint-{stopped}"
+    assert "--run_name r --resume latest" in stderr and "SIGTERM again: already stopping" in stderr
+    assert "Traceback" not in stderr
+    return stopped
+
+
+def test_sigterm_saves_within_a_step_and_resume_logs_every_step_once(tmp_path):
+    returncode, logged, stderr = signal_during_run(tmp_path, 8, 0.0, "--save_every", "0")
+    assert check_stopped_within_a_step(tmp_path, returncode, logged, stderr) >= 1
+    resumed = subprocess.run(cli(tmp_path, 8, "--resume", "latest"), capture_output=True, text=True, cwd=REPO,
+                             env=ONE_THREAD)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps(tmp_path / "r.jsonl") == list(range(9))
+    assert checkpoints.verify(tmp_path / "r" / "final") is None
+
+
+@pytest.mark.slow
+def test_ten_sigterms_at_random_points_each_save_within_a_step_and_the_run_completes(tmp_path):
+    rng = random.Random(0)
+    stops = []
+    for trial in range(10):
+        resume = ("--resume", "latest") if trial else ()
+        returncode, logged, stderr = signal_during_run(tmp_path, 40, rng.uniform(0.0, 1.5), *resume)
+        stops.append(check_stopped_within_a_step(tmp_path, returncode, logged, stderr))
+        assert steps(tmp_path / "r.jsonl") == list(range(max(steps(tmp_path / "r.jsonl")) + 1))  # each once
+        if stops[-1] == -1:
+            break
+    if stops[-1] != -1:
+        finished = subprocess.run(cli(tmp_path, 40, "--resume", "latest"), capture_output=True, cwd=REPO, env=ONE_THREAD)
+        assert finished.returncode == 0
+    assert sum(stop > 0 for stop in stops) == 10, stops
+    assert steps(tmp_path / "r.jsonl") == list(range(41))  # the same final step count, every row exactly once
+    assert checkpoints.verify(tmp_path / "r" / "final") is None
+
+
+def test_the_resume_command_replaces_run_name_and_resume():
+    argv = ["--preset", "TINY_SMOKE", "--run_name=old", "--resume", "checkpoint-3", "--num_steps", "9"]
+    command = faults.resume_command(argv, "r")
+    assert command.endswith("-m nanopost_trl.train --preset TINY_SMOKE --num_steps 9 --run_name r --resume latest")
+
+
+# --- a lost process of a 2-process run
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the launched worker of `rank` (a descendant of `launcher` whose environment has RANK=rank)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and f"NANOPOST_TEST_LAUNCHER={launcher.pid}".encode() in environ:
+                return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def launch_two(out_dir: Path, *args: str, launcher_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    command = launch_command(
+        *launcher_args, "-m", "nanopost_trl.train", *SIGNAL_RUN, "--out_dir", str(out_dir), "--run_name", "r", *args
+    )
+    env = {**ENV, "NANOPOST_TEST_LAUNCHER": ""}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    return process
+
+
+def wait_for_step(process: subprocess.Popen, log: Path, step: int) -> None:
+    deadline = time.monotonic() + 400
+    while not (log.exists() and max(steps(log), default=0) >= step):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.1)
