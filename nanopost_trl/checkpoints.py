@@ -1,10 +1,10 @@
 """Checkpoints and the final model written whole or not at all, and checked before a resume trusts them.
 
-A save writes into `{out_dir}/.saving/{run_name}/{name}`; once every process has written its part, the weights are opened, each
-file's size and sha256 go to `manifest.json`, and the directory is renamed to `{run_dir}/{name}` (one rename: a
-reader sees the whole checkpoint or none). A full disk or a refused write stops the run with `DiskError` (one line:
-the path, the space needed and free) and leaves the earlier checkpoints as they were. `resume_point` returns the
-newest checkpoint whose files still match their manifest, naming the ones it skips.
+A save writes into `{out_dir}/.saving/{run_name}/{name}`; once every process has written its part, the weights are
+opened, each file's size and sha256 go to `manifest.json`, and the directory is renamed to `{out_dir}/{run_name}/{name}`
+(one rename: a reader sees the whole checkpoint or none). A full disk or a refused write stops the run with
+`DiskError` (one line: the path, the space needed and free) and leaves the earlier checkpoints as they were.
+`resume_point` returns the newest checkpoint whose files still match their manifest, naming the ones it skips.
 """
 
 from __future__ import annotations

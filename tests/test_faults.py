@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -53,7 +52,8 @@ def test_saves_are_renamed_into_place_whole_and_resume_skips_a_truncated_checkpo
 
     weights = run_dir / "checkpoint-4" / "model.safetensors"  # as if copied back from a failed sync
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.warns(UserWarning, match=r"resuming from checkpoint-2, skipping .*checkpoint-4: model\.safetensors has"):
+    skipped = r"resuming from checkpoint-2, skipping .*checkpoint-4: model\.safetensors has"
+    with pytest.warns(UserWarning, match=skipped):
         summary = Trainer(smoke(tmp_path, num_steps=6, save_every=2)).run(tasks="addition", resume=True)
     assert steps(summary.log_path) == list(range(7))  # steps 3 and 4 again, from checkpoint-2: each exactly once
     assert checkpoints.verify(run_dir / "checkpoint-4") is None  # saved again, whole
@@ -63,7 +63,8 @@ def test_saves_are_renamed_into_place_whole_and_resume_skips_a_truncated_checkpo
 def test_resume_with_no_verified_checkpoint_left_is_a_one_line_error(tmp_path):
     Trainer(smoke(tmp_path, num_steps=2, save_every=2, save_final_model=False)).run(tasks="addition")
     (tmp_path / "r" / "checkpoint-2" / "optimizer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint .* \(checkpoint-2: optimizer\.pt is missing\)"):
+    none_left = r"no complete checkpoint .* \(checkpoint-2: optimizer\.pt is missing\)"
+    with pytest.raises(FileNotFoundError, match=none_left):
         Trainer(smoke(tmp_path, num_steps=4)).run(tasks="addition", resume=True)
 
 
@@ -125,7 +126,8 @@ def signal_during_run(out_dir: Path, num_steps: int, delay_s: float, *args: str)
     """Start the CLI run, send SIGTERM `delay_s` after its first training row, (then a second SIGTERM at once:
     the save must not be cut); return (its exit code, the last step logged when the signal went, its stderr)."""
     log = out_dir / "r.jsonl"
-    process = subprocess.Popen(cli(out_dir, num_steps, *args), stderr=subprocess.PIPE, text=True, cwd=REPO, env=ONE_THREAD)
+    command = cli(out_dir, num_steps, *args)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ONE_THREAD)
     deadline = time.monotonic() + 300
     while not (log.exists() and max(steps(log), default=0) >= 1) and process.poll() is None:
         assert time.monotonic() < deadline
@@ -174,7 +176,8 @@ def test_ten_sigterms_at_random_points_each_save_within_a_step_and_the_run_compl
         if stops[-1] == -1:
             break
     if stops[-1] != -1:
-        finished = subprocess.run(cli(tmp_path, 40, "--resume", "latest"), capture_output=True, cwd=REPO, env=ONE_THREAD)
+        command = cli(tmp_path, 40, "--resume", "latest")
+        finished = subprocess.run(command, capture_output=True, cwd=REPO, env=ONE_THREAD)
         assert finished.returncode == 0
     assert sum(stop > 0 for stop in stops) == 10, stops
     assert steps(tmp_path / "r.jsonl") == list(range(41))  # the same final step count, every row exactly once
