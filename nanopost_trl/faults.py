@@ -7,7 +7,7 @@
   process whose counter stops for `collective_timeout_s` is lost, and the survivors stop with `LostProcess` naming
   its rank instead of waiting in a collective.
 - `elastic_restart`: under torchrun / `accelerate launch --max_restarts N`, a restarted group resumes its run from the
-  newest complete checkpoint by itself.
+  newest complete checkpoint by itself (`init_restarted_group` makes its process group afresh).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class PeerWatch:
 def lost_message(ranks: list[int], world_size: int, how: str) -> str:
     named = ", ".join(str(rank) for rank in ranks)
     return (
-        f"process rank {named} of {world_size} is lost ({how}: killed, out of memory, or its node is gone); "
+        f"process rank {named} of {world_size} is lost (killed, out of memory, or its node is gone; {how}); "
         "stopping. Resume from the newest complete checkpoint with --resume latest"
     )
 
@@ -204,12 +204,35 @@ def peers_watched(accelerator, timeout_s: float) -> Iterator[None]:
 
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def elastic_restart() -> int:
     """How many times torchrun's elastic agent has restarted this group (0: the first attempt, or no torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def init_restarted_group(timeout_s: float) -> None:
+    """After an elastic restart, make the process group in the launcher's store under a prefix of this attempt.
+
+    torchrun's static rendezvous (the one `accelerate launch` uses) keeps one store across restarts, and the restarted
+    processes would meet the previous attempt's addresses there (gloo: "connectFullMesh failed ... Connection
+    refused"; the same stale keys hang NCCL's set-up). accelerate then uses this group as it is."""
+    if not elastic_restart() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    if torch.distributed.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    torch.distributed.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=torch.distributed.PrefixStore(f"nanopost/attempt_{elastic_restart()}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
 
 
 def resume_command(argv: list[str], run_name: str) -> str:

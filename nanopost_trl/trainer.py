@@ -61,6 +61,7 @@ class Trainer:
         if not isinstance(loss_fn, base.LossFn | type(None)):
             raise TypeError(f"loss_fn must be a nanopost_trl.base.LossFn, got {type(loss_fn).__name__}")
         loss_fn = fill_from_config(loss_fn or GRPOLoss(), self.cfg)
+        faults.init_restarted_group(self.cfg.collective_timeout_s)
         state = PartialState(
             cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s)
         )  # the first PartialState makes the process group: with the bounded collective time-out
