@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def smoke(out_dir: Path, **overrides):
 
 
 def steps(log: Path) -> list[int]:
-    return [row["step"] for row in read_rows(log)]
+    return [row["step"] for row in read_rows(log)] if log.exists() else []
 
 
 def assert_whole_lines(log: Path) -> None:
@@ -191,29 +193,78 @@ def test_the_resume_command_replaces_run_name_and_resume():
 
 
 # --- a lost process of a 2-process run
-def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of the launched worker of `rank` (a descendant of `launcher` whose environment has RANK=rank)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+class TwoProcessRun:
+    """`accelerate launch` of the CLI on 2 CPU processes (gloo), its output in a file; finds its workers' pids by a
+    token in their environment."""
+
+    def __init__(self, out_dir: Path, *args: str, launcher_args: tuple[str, ...] = ()) -> None:
+        self.token, self.output = uuid.uuid4().hex, out_dir.parent / f"{out_dir.name}.out"
+        self.log = out_dir / "r.jsonl"
+        command = launch_command(*launcher_args, "-m", "nanopost_trl.train", *SIGNAL_RUN, "--out_dir", str(out_dir),
+                                 "--run_name", "r", "--collective_timeout_s", "20", *args)  # fmt: skip
+        with open(self.output, "w") as output:
+            env = {**ENV, "NANOPOST_TEST_TOKEN": self.token}
+            self.launcher = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+    def wait_until(self, done, what: str) -> None:
+        deadline = time.monotonic() + 400
+        while not done():
+            assert self.launcher.poll() is None and time.monotonic() < deadline, f"{what}: {self.text()[-3000:]}"
+            time.sleep(0.1)
+
+    def worker_pid(self, rank: int) -> int:
+        marks = {f"NANOPOST_TEST_TOKEN={self.token}".encode(), f"RANK={rank}".encode()}
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and marks <= set((entry / "environ").read_bytes().split(b"\0")):
+                    return int(entry.name)
+        raise AssertionError(f"no worker of rank {rank}")
+
+
+def exit_time(pid: int, since: float, limit_s: float) -> float:
+    """Seconds from `since` until process `pid` is gone (a zombie counts as gone)."""
+    while time.monotonic() - since < limit_s:
         with contextlib.suppress(OSError):
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ and f"NANOPOST_TEST_LAUNCHER={launcher.pid}".encode() in environ:
-                return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank}")
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "Z":
+                time.sleep(0.1)
+                continue
+        return time.monotonic() - since
+    raise AssertionError(f"process {pid} still running {limit_s} s later")
 
 
-def launch_two(out_dir: Path, *args: str, launcher_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    command = launch_command(
-        *launcher_args, "-m", "nanopost_trl.train", *SIGNAL_RUN, "--out_dir", str(out_dir), "--run_name", "r", *args
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_process_is_named_by_the_survivor_within_the_collective_timeout(tmp_path, fault):
+    run = TwoProcessRun(tmp_path / "out", "--num_steps", "200")
+    run.wait_until(lambda: max(steps(run.log), default=0) >= 2, "training")
+    survivor, lost = run.worker_pid(0), run.worker_pid(1)
+    os.kill(lost, fault)
+    start = time.monotonic()
+    try:
+        seconds = exit_time(survivor, start, limit_s=20 + 15)  # collective_timeout_s + 15
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(lost, signal.SIGKILL)  # a hung process: the launcher would wait 30 s before killing it
+    run.launcher.wait(timeout=120)
+    print(f"{fault.name}: the survivor exited {seconds:.1f} s after the fault")
+    assert "nanopost-trl: error: process rank 1 of 2 is lost" in run.text()
+    assert run.launcher.returncode != 0
+    assert_whole_lines(run.log)
+    assert steps(run.log) == list(range(max(steps(run.log)) + 1))
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_resumes_from_the_newest_checkpoint_and_completes(tmp_path):
+    run = TwoProcessRun(
+        tmp_path / "out", "--num_steps", "12", "--save_every", "3", launcher_args=("--max_restarts", "1")
     )
-    env = {**ENV, "NANOPOST_TEST_LAUNCHER": ""}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    return process
-
-
-def wait_for_step(process: subprocess.Popen, log: Path, step: int) -> None:
-    deadline = time.monotonic() + 400
-    while not (log.exists() and max(steps(log), default=0) >= step):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
-        time.sleep(0.1)
+    run.wait_until(lambda: (tmp_path / "out" / "r" / "checkpoint-3").exists(), "the first checkpoint")
+    os.kill(run.worker_pid(1), signal.SIGKILL)
+    assert run.launcher.wait(timeout=400) == 0, run.text()[-3000:]
+    assert "process rank 1 of 2 is lost" in run.text() and "elastic restart 1: resuming run r" in run.text()
+    assert steps(run.log) == list(range(13))  # every step exactly once across the two attempts
+    assert checkpoints.verify(tmp_path / "out" / "r" / "final") is None
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "r" / "final") is not None
