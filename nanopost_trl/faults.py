@@ -50,7 +50,8 @@ class LostProcess(RuntimeError):
 
 
 class Preemption(TrainerCallback):
-    """On SIGTERM / SIGUSR1 (any process): finish the step, save a checkpoint, stop training (every process)."""
+    """On SIGTERM / SIGUSR1 (any process): finish the step, save a checkpoint, stop training (every process). Added
+    after `RunLogger`, so the step's row is in the log before the checkpoint is saved."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None  # the first signal this process received
@@ -85,8 +86,9 @@ class Preemption(TrainerCallback):
             flag = bool(reduce(torch.tensor([float(flag)], device=state.device), "sum").item())
         return flag
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_step is None and self.requested():
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """After the step's row is logged, the last point before transformers decides whether to save."""
+        if logs and "loss" in logs and self.stopped_step is None and self.requested():
             self.signal_name = self.signal_name or "a signal to another process"
             self.stopped_step = state.global_step
             control.should_save = True
