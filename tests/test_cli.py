@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nanopost_trl import analysis
+from nanopost_trl import analysis, checkpoints
 from nanopost_trl.config import COMPLETIONS_SUFFIX, TRL_NAMES, Preset, PresetSpec, TrainConfig, run_to_resume
 from nanopost_trl.losses import Loss
 from nanopost_trl.tasks import task_names
@@ -217,6 +217,7 @@ def test_resume_latest_finds_the_newest_run_with_a_checkpoint_or_says_there_is_n
         checkpoint.mkdir(parents=True)
         if run != "no-checkpoint":
             (checkpoint / "trainer_state.json").write_text("{}")
+            checkpoints.write_manifest(checkpoint, checkpoints.file_records(checkpoint, ["trainer_state.json"]))
             os.utime(checkpoint, (time.time() - age, time.time() - age))
     assert run_to_resume(cfg) == "new"
     assert run_to_resume(dataclasses.replace(cfg, run_name="old")) == "old"
