@@ -253,8 +253,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if PartialState().is_main_process:
             say(f"resume: {faults.resume_command(argv, stop.run_name)}")
         sys.exit(stop.code)
-    # tasks load before the model; a full disk, a lost process, no checkpoint to resume: one line, no traceback
-    except (HubDataUnavailable, DiskError, faults.LostProcess, FileNotFoundError) as error:
+    except faults.LostProcess as error:
+        say(f"error: {error}")
+        sys.exit(faults.LOST_PROCESS_EXIT_CODE)
+    # tasks load before the model; a full disk, no checkpoint to resume: one line, no traceback
+    except (HubDataUnavailable, DiskError, FileNotFoundError) as error:
         sys.exit(f"nanopost-trl: error: {error}")
 
     if PartialState().is_main_process:
