@@ -249,6 +249,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_pass_k must be 0 (off) or >= 2, got {self.eval_pass_k}")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"TrainConfig.vllm_mode must be one of {', '.join(VLLM_MODES)}, got {self.vllm_mode!r}")
+        if self.vllm_mode == "server" and not self.use_vllm:
+            raise ValueError(
+                "TrainConfig.vllm_mode='server' needs use_vllm=True (without it, generation runs in-process)"
+            )
         if self.collective_timeout_s < 1:
             raise ValueError(f"TrainConfig.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         if self.completions_per_step_logged < 0:

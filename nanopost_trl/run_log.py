@@ -85,7 +85,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         end = f.tell()
         try:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
         except OSError as error:
@@ -182,6 +182,7 @@ class RunLogger(TrainerCallback):
         score = functools.partial(
             held_out_scores, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
             max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
+            progress=self.is_main,
         )  # fmt: skip
         greedy = score()
         metrics = self.reduce_over_processes(shard, greedy["accuracy"], "accuracy")
@@ -278,7 +279,26 @@ def step_line(row: dict[str, Any], headline_metrics: Sequence[str], latest_eval:
     ]
     if accuracies:
         parts.append(f"held-out {', '.join(accuracies)} @{latest_eval['step']}")
-    return "  ".join(parts) + f"  {row.get('step_time_s', float('nan')):.2f}s"
+    line = "  ".join(parts) + f"  {row.get('step_time_s', float('nan')):.2f}s"
+    return line + (f"  ! {trouble}" if (trouble := step_trouble(row)) else "")
+
+
+# what went wrong in a step, by run-log column: said at the end of its console line
+TROUBLE_COUNTS = {
+    "reward_errors": "reward errors (scored 0)",
+    "reward_timeouts": "reward time-outs (scored 0)",
+    "tool_errors": "tool errors",
+    "tool_timeouts": "tool time-outs",
+    "tool_non_string": "tool results not str",
+}
+
+
+def step_trouble(row: dict[str, Any]) -> str:
+    """'3 reward errors (scored 0), update skipped (non-finite loss)' for a step with trouble, else ''."""
+    said = [f"{row[key]:g} {what}" for key, what in TROUBLE_COUNTS.items() if row.get(key)]
+    if row.get("nonfinite_skipped"):
+        said.append("update skipped (non-finite loss)")
+    return ", ".join(said)
 
 
 def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:

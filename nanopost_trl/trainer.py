@@ -22,11 +22,17 @@ from datasets import Dataset
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from nanopost_trl import base, checkpoints, faults, hub, memory, multiturn, trl_bridge
+from nanopost_trl import base, checkpoints, faults, hub, learner, memory, multiturn, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig, output_paths, run_to_resume, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
-from nanopost_trl.models import check_chat_template, load_model_and_tokenizer, lora_config, with_supported_precision
+from nanopost_trl.models import (
+    check_chat_template,
+    check_model,
+    load_model_and_tokenizer,
+    lora_config,
+    with_supported_precision,
+)
 from nanopost_trl.rewards import RewardAdapter, reward_components
 from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, runtime_info, write_run_config
 from nanopost_trl.tasks import resolve_tasks, tasks_label
@@ -76,8 +82,15 @@ class Trainer:
         # data
         train_instances = resolve_tasks(tasks, "train", cfg.data_dir)
         eval_instances = eval_subset(resolve_tasks(eval_tasks or tasks, "test", cfg.data_dir), cfg.eval_size)
+        if eval_tasks is None and not isinstance(tasks, str) and isinstance(tasks[0], base.TaskInstance):
+            warnings.warn(
+                f"no eval_tasks: the 'held-out' eval scores the first {len(eval_instances)} training instances "
+                "(a list of TaskInstance has no test split); pass eval_tasks=[...] for a real held-out score",
+                stacklevel=3,
+            )
         components = reward_components(reward_fn)
         # model
+        check_before_loading(cfg, state.is_main_process)
         model, tokenizer = load_model_and_tokenizer(cfg)
         check_chat_template(tokenizer, [*train_instances, *eval_instances], cfg.model)
         tools, environment_factory = multiturn.run_tools(train_instances)
@@ -144,6 +157,14 @@ class Trainer:
         if main:
             faults.say(f"elastic restart {faults.elastic_restart()}: resuming run {self.cfg.run_name}")
         return True
+
+
+def check_before_loading(cfg: TrainConfig, main: bool) -> None:
+    """What fails in one line before the model loads: a model name or path that is no model (`check_model`), a vLLM
+    server that does not answer (checked by the main process, which TRL's client runs on)."""
+    check_model(cfg.model, cfg.gguf_file)
+    if cfg.use_vllm and cfg.vllm_mode == "server" and main:
+        learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
 
 
 def preempted(

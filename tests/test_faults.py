@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ENV, REPO, launch_command
+from helpers import ENV, REPO, free_port, launch_command
 from transformers import AutoModelForCausalLM
 
-from nanopost_trl import checkpoints, faults
+from nanopost_trl import analysis, checkpoints, faults, tasks
 from nanopost_trl.config import Preset
-from nanopost_trl.run_log import append_row
+from nanopost_trl.run_log import append_row, step_trouble
+from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import Trainer
 from nanopost_trl.utils import read_rows
 
@@ -269,3 +270,62 @@ def test_an_elastic_restart_resumes_from_the_newest_checkpoint_and_completes(tmp
     assert steps(run.log) == list(range(13))  # every step exactly once across the two attempts
     assert checkpoints.verify(tmp_path / "out" / "r" / "final") is None
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "r" / "final") is not None
+
+
+# --- bad input and silent trouble
+def test_a_missing_model_path_or_a_corrupt_config_fails_in_one_line_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"model '.*/no-model': no such local directory or file"):
+        Trainer(smoke(tmp_path, model=str(tmp_path / "no-model"))).run(tasks="addition")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen2",')
+    with pytest.raises(ValueError, match=r"model '.*/broken': its config.json is not valid JSON") as error:
+        Trainer(smoke(tmp_path, model=str(broken))).run(tasks="addition")
+    assert "\n" not in str(error.value)
+
+
+def test_vllm_server_mode_is_checked_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"vllm_mode='server' needs use_vllm=True"):
+        smoke(tmp_path, vllm_mode="server")
+    cfg = smoke(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=free_port())
+    with pytest.raises(ConnectionError, match=r"no vLLM server at 127\.0\.0\.1:\d+") as error:
+        Trainer(cfg).run(tasks="addition")
+    assert any(entry.name == "check_before_loading" for entry in error.traceback)
+
+
+def test_an_empty_dataset_file_fails_in_one_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"the data file .*empty\.jsonl is empty \(no rows\)"):
+        tasks.from_dataset(tmp_path / "empty.jsonl")
+
+
+def unscorable(completions: list[str], instances: list) -> list[float]:
+    """A RewardFn that could score none of its completions (NaN: scored 0 and counted as reward errors)."""
+    return [float("nan")] * len(completions)
+
+
+def test_reward_errors_show_on_the_step_line_and_training_instances_as_eval_warn(tmp_path, capsys):
+    instances = resolve_tasks("addition", "train")[:16]
+    with pytest.warns(UserWarning, match=r"no eval_tasks: the 'held-out' eval scores the first 16 training instances"):
+        summary = Trainer(smoke(tmp_path)).run(tasks=instances, reward_fn=unscorable)
+    rows = read_rows(summary.log_path)
+    assert rows[1]["reward_errors"] == 8  # every completion of the step: scored 0 and counted
+    out, err = capsys.readouterr()
+    assert "! 8 reward errors (scored 0)" in out
+    assert "held-out eval" in err  # the eval's progress bar
+
+
+def test_step_trouble_names_tool_failures_and_skipped_updates():
+    row = {"step": 3, "reward_mean": 0.5, "tool_errors": 2.0, "tool_timeouts": 1.0, "nonfinite_skipped": 0.5}
+    assert step_trouble(row) == "2 tool errors, 1 tool time-outs, update skipped (non-finite loss)"
+    assert step_trouble({"step": 3, "reward_errors": 0.0}) == ""
+
+
+def test_analysis_counts_optimizer_steps_and_refuses_a_completions_file_as_a_run_log(tmp_path):
+    summary = Trainer(smoke(tmp_path, num_iterations=2, num_steps=4)).run(tasks="addition")
+    assert analysis.summary(analysis.load(tmp_path))["steps"].tolist() == [4]  # rewards on 2 generation steps only
+    completions = tmp_path / "r-completions.jsonl"
+    with pytest.raises(ValueError, match=r"is a completions file: read it with analysis\.load_completions"):
+        analysis.load(completions)
+    with pytest.raises(ValueError, match=r"is a run log, not a \*-completions\.jsonl file"):
+        analysis.load_completions(summary.log_path)
