@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accelerate import PartialState
 from helpers import ENV, REPO, free_port, launch_command
 from transformers import AutoModelForCausalLM
 
@@ -97,6 +98,20 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
         assert AutoModelForCausalLM.from_pretrained(disk / "r" / "checkpoint-2") is not None
         assert_whole_lines(disk / "r.jsonl")
         assert steps(disk / "r.jsonl") == [0, 1, 2, 3, 4]
+
+
+def test_a_read_only_disk_stops_a_save_in_one_line(tmp_path):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        (disk / "r").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        def write(staging: Path) -> None:
+            staging.mkdir(parents=True)
+            (staging / "model.safetensors").write_bytes(b"")
+
+        with pytest.raises(checkpoints.DiskError, match=r"^cannot write .*/r/final: read-only file system$"):
+            checkpoints.save_atomically(PartialState(), disk / "r" / "final", write, lambda: None)
+        assert list((disk / "r").iterdir()) == []
 
 
 def test_a_full_disk_leaves_no_partial_row_in_the_log(tmp_path):
