@@ -131,7 +131,7 @@ class Trainer:
             wandb_run(cfg, main),
             faults.peers_watched(trainer.accelerator, cfg.collective_timeout_s),
         ):
-            checkpoint = resume_checkpoint(paths["checkpoints"], main) if resume is True else resume
+            checkpoint = resume_checkpoint(paths["checkpoints"], main) if resume is True else checked(resume, main)
             trainer.train(resume_from_checkpoint=checkpoint)
             self.grpo_trainer = trainer  # kept for inspection after the run (model, ref_model, state)
             if preemption.stopped_step is not None and trainer.state.global_step < trainer.state.max_steps:
@@ -265,6 +265,19 @@ def save_final_model(
 
     needed = functools.partial(checkpoints.expected_bytes, trainer, optimizer=False)
     checkpoints.save_atomically(trainer.accelerator, model_dir, write, needed)
+
+
+def checked(checkpoint: str | None, main: bool) -> str | None:
+    """A checkpoint named by path: a one-line error if its files fail its manifest; a warning (main process) if it
+    has none (not saved by nanopost_trl: loaded as it is)."""
+    if checkpoint is None:
+        return None
+    problem = checkpoints.verify(Path(checkpoint))
+    if problem is not None and (Path(checkpoint) / checkpoints.MANIFEST).exists():
+        raise FileNotFoundError(f"cannot resume from {checkpoint}: {problem}")
+    if problem is not None and main:
+        warnings.warn(f"resuming from {checkpoint} unverified: {problem}", stacklevel=3)
+    return checkpoint
 
 
 def resume_checkpoint(directory: Path, main: bool = True) -> str:

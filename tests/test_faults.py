@@ -70,6 +70,9 @@ def test_resume_with_no_verified_checkpoint_left_is_a_one_line_error(tmp_path):
     none_left = r"no complete checkpoint .* \(checkpoint-2: optimizer\.pt is missing\)"
     with pytest.raises(FileNotFoundError, match=none_left):
         Trainer(smoke(tmp_path, num_steps=4)).run(tasks="addition", resume=True)
+    named = tmp_path / "r" / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match=r"cannot resume from .*checkpoint-2: optimizer\.pt is missing"):
+        Trainer(smoke(tmp_path, num_steps=4)).run(tasks="addition", resume=str(named))
 
 
 @contextlib.contextmanager
