@@ -71,7 +71,7 @@ def build(shape: str, kind: str, **grpo_options) -> tuple[GRPOTrainer, TrainConf
     tools, environment_factory = multiturn.run_tools(instances)
     if tools:
         multiturn.check_tool_template(tokenizer, cfg.model)
-    args = to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0])
+    args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
     args.loss_type = "grpo"
     for name, value in grpo_options.items():
         setattr(args, name, value)

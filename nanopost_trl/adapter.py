@@ -16,6 +16,7 @@ everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, config, learner, multiturn, sampling, trl_bridge
+from nanopost_trl import base, checkpoints, config, learner, multiturn, sampling, trl_bridge
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
@@ -100,6 +101,10 @@ class NanopostGRPOTrainer(GRPOTrainer):
     def group_size(self) -> int:
         """Completions per prompt in the current pass (TRL's `num_generations_eval` in evaluation)."""
         return self.num_generations if self.model.training else self.num_generations_eval
+
+    # --- checkpoints: written into a staging directory, checked, renamed into place (`checkpoints.save_checkpoint`)
+    def _save_checkpoint(self, model, trial):
+        checkpoints.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial))
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -48,6 +48,14 @@ def _jsonl_files(paths: PathLike | Sequence[PathLike], completions: bool = False
         elif item.is_file():
             if item.suffix != ".jsonl":
                 raise ValueError(f"{item} is not a .jsonl run log")
+            if item.name.endswith(COMPLETIONS_SUFFIX) != completions:
+                run_log = item.name.removesuffix(COMPLETIONS_SUFFIX) + ".jsonl"
+                raise ValueError(
+                    f"{item} is a completions file: read it with analysis.load_completions, or pass the run log "
+                    f"{run_log}"
+                    if not completions
+                    else f"{item} is a run log, not a *{COMPLETIONS_SUFFIX} file: read it with analysis.load"
+                )
             files.append(item)
         else:
             raise FileNotFoundError(f"no such file or directory: {item}")
@@ -142,12 +150,12 @@ def eval_accuracy_columns(df: pd.DataFrame) -> list[str]:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: training steps logged, first/last reward_mean and first/last of every eval accuracy."""
+    """Per run: optimizer steps logged (with num_iterations > 1 only a generation step has a reward), first/last
+    reward_mean and first/last of every eval accuracy."""
     rows = []
     for run_name, run in df.groupby("run_name", sort=True):
         row: dict[str, Any] = {"run": run_name}
-        reward = run["reward_mean"].dropna() if "reward_mean" in run else pd.Series(dtype=float)
-        row["steps"] = len(reward)
+        row["steps"] = int(run.loc[run["step"] > 0, "step"].nunique())  # step 0: the start-of-run eval
         for col, short in [("reward_mean", "reward"), *((c, c) for c in eval_accuracy_columns(df))]:
             values = run[col].dropna() if col in run else pd.Series(dtype=float)
             row[f"{short}_first"] = values.iloc[0] if len(values) else float("nan")

@@ -15,6 +15,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from nanopost_trl.checkpoints import latest_checkpoint
 from nanopost_trl.models import TINY_MODEL
 from nanopost_trl.utils import convert_field, make_dataclass
 
@@ -147,6 +148,13 @@ class TrainConfig:
     num_completions_to_print: int | None = field(
         default=None, metadata={"help": "log_completions: rows of TRL's table (None: the whole step)."}
     )
+    collective_timeout_s: int = field(
+        default=120,
+        metadata={
+            "help": "Multi-process runs: seconds a process waits in a collective, and for a silent peer, before it "
+            "stops naming the lost rank (torch's own default is 10-30 minutes)."
+        },
+    )
     skip_nonfinite: bool = field(
         default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
     )
@@ -268,6 +276,12 @@ class TrainConfig:
         self.trl_args = TrlOptions(self.trl_args)
         if refused := [f"{name} ({why})" for name in self.trl_args if (why := passthrough_refusal(name))]:
             raise ValueError(f"TrainConfig.trl_args: not passed to TRL as they are: {'; '.join(refused)}")
+        if self.vllm_mode == "server" and not self.use_vllm:
+            raise ValueError(
+                "TrainConfig.vllm_mode='server' needs use_vllm=True (without it, generation runs in-process)"
+            )
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"TrainConfig.collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         if self.completions_per_step_logged < 0:
             raise ValueError(
                 f"TrainConfig.completions_per_step_logged must be >= 0 (0: off), got {self.completions_per_step_logged}"
@@ -652,12 +666,6 @@ def micro_batches(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
     return micro_batch, per_process // micro_batch
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete `checkpoint-N` in `directory` (one killed mid-save has no trainer_state.json yet)."""
-    complete = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
-
-
 def run_to_resume(cfg: TrainConfig) -> str:
     """The run `--resume latest` continues: `cfg.run_name`, else the run in `out_dir` with the newest complete
     checkpoint. A ValueError when there is none to resume."""
@@ -726,6 +734,7 @@ def grpo_settings(cfg: TrainConfig, *, num_processes: int, reward_weights: list[
         max_tool_calling_iterations=cfg.max_tool_calling_iterations,
         reward_weights=reward_weights,
         seed=cfg.seed,
+        ddp_timeout=cfg.collective_timeout_s,
         logging_steps=1,
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500,

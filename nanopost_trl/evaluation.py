@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from nanopost_trl import multiturn
@@ -50,11 +51,13 @@ def held_out_scores(
     seed: int = 0,
     max_tool_calling_iterations: int = 4,
     tool_timeout_s: float = multiturn.DEFAULT_TOOL_TIMEOUT_S,
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per task name, under "accuracy": the mean eval_fn score of the greedy completion (`samples=1`), or of the best
     of `samples` completions sampled at `temperature` (pass@k for 0/1 graders), drawn from a private RNG seeded by
     `seed` so that training's RNG stream is untouched. A grader that raises or hangs scores 0. model.training is
-    restored. Tool tasks: episodes (module docstring), and under "tool_calls" the share of episodes that made a call."""
+    restored. Tool tasks: episodes (module docstring), and under "tool_calls" the share of episodes that made a call.
+    `progress`: a progress bar over the instances (the run's main process shows one for its shard)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = model.generation_config.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=samples)
@@ -74,6 +77,7 @@ def held_out_scores(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
+            bar = tqdm(total=len(by_tools), desc="held-out eval", unit="prompt", leave=False, disable=not progress)
             for start in range(0, len(by_tools), prompts_per_call):
                 batch = by_tools[start : start + prompts_per_call]
                 if any(instance.uses_tools for instance in batch):
@@ -90,6 +94,8 @@ def held_out_scores(
                 for instance, start in zip(batch, starts, strict=True):
                     graded = [safe_grade(instance.eval_fn, c) for c in completions[start : start + samples]]
                     scores[instance.name].append(max(0.0 if math.isnan(score) else score for score in graded))
+                bar.update(len(batch))
+            bar.close()
     finally:
         model.train(was_training)
     return {metric: {name: sum(values) / len(values) for name, values in by_task.items()}

@@ -377,7 +377,8 @@ class CompletionsLog:
         rewards: torch.Tensor,
         advantages: torch.Tensor,
     ) -> None:
-        """Write the sampled rows of `step`; of chat prompts and completions, the last message's text."""
+        """Write the sampled rows of `step`; of chat prompts and completions, the last message's text, and of a
+        multi-turn episode (tool calls) also its messages, calls and results included, under "episode"."""
         if not self.per_step:
             return
         if not self.started:
@@ -394,7 +395,12 @@ class CompletionsLog:
                     "completion": text_of(completions[row], role="assistant"),
                     "reward": rewards[row].item(),
                     "advantage": advantages[row].item(),
-                },
+                }
+                | (
+                    {"episode": completions[row]}
+                    if isinstance(completions[row], list) and len(completions[row]) > 1
+                    else {}
+                ),  # fmt: skip
             )
 
 

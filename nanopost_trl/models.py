@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -107,6 +108,13 @@ def check_model(model: str, gguf_file: str | None = None) -> Path | None:
         raise ValueError(f"model {model!r} is a file but not a .gguf file; {accepted}")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"model {model!r} is a directory without config.json; {accepted}")
+    if path.is_dir():
+        try:
+            json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"model {model!r}: its config.json is not valid JSON ({error})") from None
+    if not path.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):  # a path, not org/name
+        raise ValueError(f"model {model!r}: no such local directory or file; {accepted}")
     if model != TINY_MODEL and "/" not in model and not path.exists():  # not org/name, no path
         raise ValueError(f"unknown model {model!r}; {accepted}")
     return None

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base
+from nanopost_trl.checkpoints import DiskError, disk_error_kind, disk_error_message
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.evaluation import held_out_scores
 from nanopost_trl.utils import read_rows
@@ -78,11 +79,22 @@ def write_run_config(path: Path, cfg: TrainConfig, loss_fn: base.LossFn, tasks: 
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it, so a kill mid-run loses at most the line being written."""
+    """Append one JSON line and fsync it, so a kill mid-run loses at most the line being written. A write that fails
+    (a full disk) is cut back off, so the log never holds a partial row, and stops the run with a one-line
+    `DiskError`."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        end = f.tell()
+        try:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as error:
+            f.truncate(end)
+            kind = disk_error_kind(error)
+            if kind is None:
+                raise
+            message = f"{disk_error_message(kind, path, None)}; the log ends at the row before step {row['step']}"
+            raise DiskError(message) from error
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -170,6 +182,7 @@ class RunLogger(TrainerCallback):
         score = functools.partial(
             held_out_scores, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
             max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
+            progress=self.is_main,
         )  # fmt: skip
         greedy = score()
         metrics = self.reduce_over_processes(shard, greedy["accuracy"], "accuracy")
@@ -266,7 +279,26 @@ def step_line(row: dict[str, Any], headline_metrics: Sequence[str], latest_eval:
     ]
     if accuracies:
         parts.append(f"held-out {', '.join(accuracies)} @{latest_eval['step']}")
-    return "  ".join(parts) + f"  {row.get('step_time_s', float('nan')):.2f}s"
+    line = "  ".join(parts) + f"  {row.get('step_time_s', float('nan')):.2f}s"
+    return line + (f"  ! {trouble}" if (trouble := step_trouble(row)) else "")
+
+
+# what went wrong in a step, by run-log column: said at the end of its console line
+TROUBLE_COUNTS = {
+    "reward_errors": "reward errors (scored 0)",
+    "reward_timeouts": "reward time-outs (scored 0)",
+    "tool_errors": "tool errors",
+    "tool_timeouts": "tool time-outs",
+    "tool_non_string": "tool results not str",
+}
+
+
+def step_trouble(row: dict[str, Any]) -> str:
+    """'3 reward errors (scored 0), update skipped (non-finite loss)' for a step with trouble, else ''."""
+    said = [f"{row[key]:g} {what}" for key, what in TROUBLE_COUNTS.items() if row.get(key)]
+    if row.get("nonfinite_skipped"):
+        said.append("update skipped (non-finite loss)")
+    return ", ".join(said)
 
 
 def _strip_eval(metrics: dict[str, float]) -> dict[str, float]:

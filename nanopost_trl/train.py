@@ -23,7 +23,8 @@ import trl
 import yaml
 from trl import GRPOConfig, TrlParser
 
-from nanopost_trl import memory
+from nanopost_trl import faults, memory
+from nanopost_trl.checkpoints import DiskError
 from nanopost_trl.config import (
     TRL_NAMES,
     Preset,
@@ -258,13 +259,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     resume = True if run_args.resume == "latest" else run_args.resume
 
+    from accelerate import PartialState
+
     from nanopost_trl.trainer import Trainer
 
     try:
         summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
-    except HubDataUnavailable as error:  # tasks load before the model: one line, no traceback
+    except faults.Preempted as stop:  # the checkpoint is saved: say how to go on, exit with the requeue code
+        if PartialState().is_main_process:
+            say(f"resume: {faults.resume_command(argv, stop.run_name)}")
+        sys.exit(stop.code)
+    except faults.LostProcess as error:
+        say(f"error: {error}")
+        sys.exit(faults.LOST_PROCESS_EXIT_CODE)
+    # tasks load before the model; a full disk, no checkpoint to resume: one line, no traceback
+    except (HubDataUnavailable, DiskError, FileNotFoundError) as error:
         sys.exit(f"nanopost-trl: error: {error}")
-    from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(summary)

@@ -50,6 +50,7 @@ HOOKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "training_step": (("model", "inputs", "num_items_in_batch"), ()),
     "_prepare_inputs": (("generation_batch",), ()),
     "_generate_single_turn": (("prompt_ids", "images", "multimodal_fields", "num_generations"), ("has_tool_images",)),
+    "_save_checkpoint": (("model", "trial"), ()),  # transformers.Trainer's: made atomic (nanopost_trl.checkpoints)
 }
 # module -> the attributes read here. `_use_triton` in trl.trainer.utils decides whether the fused head scores only
 # the labelled positions (`compact`); the kernel module's own `_use_triton` decides the Triton kernel.

@@ -238,7 +238,7 @@ def test_smollm2_greedy_tokens_equal_trls_in_a_tool_episode(tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         multiturn.use_chat_template(tokenizer, cfg.chat_template, path)
         multiturn.check_tool_template(tokenizer, path)
-        args = to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0])
+        args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
         args.generation_kwargs = {"do_sample": False}
         return NanopostGRPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[RewardAdapter(Correctness(), instances)],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from examples.simple_pg import SimplePG
-from nanopost_trl import analysis, base, learner
+from nanopost_trl import analysis, base, checkpoints, learner
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
 from nanopost_trl.trainer import Trainer, resume_checkpoint
@@ -178,10 +178,13 @@ def test_loss_none_fields_filled_from_config(tmp_path):
 
 def test_resume_latest_skips_a_checkpoint_killed_mid_save(tmp_path):
     for step, complete in ((3, True), (6, True), (9, False)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "trainer_state.json").write_text("{}")
+        if complete:  # the manifest is written last
+            checkpoints.write_manifest(checkpoint, checkpoints.file_records(checkpoint, ["trainer_state.json"]))
+    with pytest.warns(UserWarning, match=r"resuming from checkpoint-6, skipping .*\(checkpoint-9: no manifest\.json"):
+        assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resume_checkpoint(tmp_path / "missing")
 

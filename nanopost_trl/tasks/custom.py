@@ -64,6 +64,8 @@ def load_rows(
     path = Path(source).expanduser()
     if path.is_file() or path.is_dir():
         files = [path] if path.is_file() else split_files(path, split, config)
+        if empty := [file for file in files if file.stat().st_size == 0]:
+            raise ValueError(f"the data file {empty[0]} is empty (no rows)")
         data_files = {split: [str(file) for file in files]}
         return datasets.load_dataset(_builder(files), data_files=data_files, split=split)
     if isinstance(source, os.PathLike):
