@@ -188,7 +188,8 @@ def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, An
     rows = len(next(value for value in batch.values() if value is not None))
     if rows % group_size:
         raise ValueError(f"{rows} rows do not split into whole groups of {group_size}")
-    starts = torch.randperm(rows // group_size) * group_size
+    # the same draw as TRL's (one randperm of the rows), so a seed gives the same random stream with either shuffle
+    starts = torch.argsort(torch.randperm(rows)[::group_size]) * group_size
     permutation = (starts[:, None] + torch.arange(group_size)).flatten()
 
     def permute(value: Any) -> Any:

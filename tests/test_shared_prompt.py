@@ -235,3 +235,16 @@ def test_shuffling_whole_groups_keeps_each_micro_batch_whole():
         assert (group == group[0]).all()
     with pytest.raises(ValueError, match="24 rows do not split into whole groups of 5"):
         shuffle_whole_groups(batch, group_size=5)
+
+
+def test_the_group_shuffle_draws_from_the_random_stream_as_trl_shuffle_does():
+    """A seed gives the same random stream after either shuffle (so sampling that follows matches TRL's run)."""
+    from trl.trainer.grpo_trainer import shuffle_sequence_dict
+
+    batch = {"x": torch.arange(12.0)}
+    after = []
+    for shuffle in (shuffle_sequence_dict, lambda b: shuffle_whole_groups(b, group_size=3)):
+        torch.manual_seed(0)
+        shuffle(batch)
+        after.append(torch.rand(4))
+    torch.testing.assert_close(after[0], after[1])
