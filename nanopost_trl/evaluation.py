@@ -57,7 +57,7 @@ def held_out_scores(
     of `samples` completions sampled at `temperature` (pass@k for 0/1 graders), drawn from a private RNG seeded by
     `seed` so that training's RNG stream is untouched. A grader that raises or hangs scores 0. model.training is
     restored. Tool tasks: episodes (module docstring), and under "tool_calls" the share of episodes that made a call.
-    `progress`: a progress bar over the instances (the run's main process shows one for its shard)."""
+    `progress`: a progress bar over the instances on a terminal (the run's main process shows one for its shard)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = model.generation_config.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=samples)
@@ -77,7 +77,8 @@ def held_out_scores(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            bar = tqdm(total=len(by_tools), desc="held-out eval", unit="prompt", leave=False, disable=not progress)
+            on_terminal = None if progress else True  # tqdm's disable=None: shown on a terminal only, not in log files
+            bar = tqdm(total=len(by_tools), desc="held-out eval", unit="prompt", leave=False, disable=on_terminal)
             for start in range(0, len(by_tools), prompts_per_call):
                 batch = by_tools[start : start + prompts_per_call]
                 if any(instance.uses_tools for instance in batch):
