@@ -29,11 +29,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nanopost_trl.assets import TINY_MODEL
+
 if TYPE_CHECKING:
     from nanopost_trl.base import TaskInstance
     from nanopost_trl.config import TrainConfig
 
-TINY_MODEL = "nanopost-tiny"  # the model shipped inside the package (nanopost_trl/assets/tiny)
 GGUF_MAGIC = b"GGUF"
 
 
