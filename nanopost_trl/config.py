@@ -15,8 +15,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nanopost_trl.checkpoints import latest_checkpoint
 from nanopost_trl.assets import TINY_MODEL
+from nanopost_trl.checkpoints import latest_checkpoint
 from nanopost_trl.utils import convert_field, make_dataclass
 
 # Vocabulary entries per tile of TRL's fused LM head: TRL's own width where its Triton kernel runs; on its torch
