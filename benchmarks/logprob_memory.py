@@ -71,7 +71,7 @@ def trainer_for(model: torch.nn.Module, micro: int, completion_tokens: int, bf16
     trainer = NanopostGRPOTrainer(
         model=model,
         reward_funcs=[RewardAdapter(lambda completions, instances: [0.0] * len(completions), instances)],
-        args=to_grpo_config(cfg, num_processes=1, uses_reference=False, reward_weights=[1.0]),
+        args=to_grpo_config(cfg, num_processes=1, reward_weights=[1.0]),
         train_dataset=build_dataset(instances),
         processing_class=AutoTokenizer.from_pretrained(resolve_model_path(TINY_MODEL), padding_side="left"),
         loss_fn=GRPOLoss(),

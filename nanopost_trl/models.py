@@ -175,10 +175,7 @@ def resolve_model_path(model: str, gguf_file: str | None = None) -> str:
 
         return str(TINY_MODEL_PATH)
     source = check_model(model, gguf_file)
-    if source is not None:
-        return str(converted_gguf(source))
-    check_hub_model(model)
-    return model
+    return str(converted_gguf(source)) if source is not None else model
 
 
 HUB_CONNECT_TIMEOUT_S = 5.0
@@ -336,6 +333,7 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(cfg.model, cfg.gguf_file)
+    check_hub_model(path)  # a hub id offline: one line, not a minute of retries
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cfg.bf16_weights else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token is None:

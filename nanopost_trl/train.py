@@ -130,7 +130,8 @@ def with_our_flag_names(argv: Sequence[str]) -> list[str]:
     grpo_types = typing.get_type_hints(GRPOConfig)
     trl_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     our_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for trl_name in {*TRL_NAMES, *grpo_types}:  # every GRPOConfig name: ours by another name, TRL's, or refused
+    run_flags = {run_field.name for run_field in dataclasses.fields(RunArgs)}  # ours (--fsdp: the planner's)
+    for trl_name in {*TRL_NAMES, *grpo_types} - run_flags:  # every GRPOConfig name: ours elsewhere, TRL's, refused
         meaning = trl_meaning(trl_name)
         if meaning is not None:
             switch = field_types.get(meaning.field) is bool or grpo_types.get(trl_name) is bool

@@ -152,12 +152,9 @@ def test_a_loss_that_leaves_the_mismatch_to_trl_gets_trls_correction_and_the_sam
 ):
     loss_fn = LearnerRatioGRPO()
     trainer = vllm_trainer(
-        vllm_mode,
-        loss_fn=loss_fn,
-        loss_type="grpo",
-        vllm_importance_sampling_mode=mode,
-        vllm_importance_sampling_clip_min=0.5,
+        vllm_mode, loss_fn=loss_fn, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.5
     )
+    trainer.loss_type = "grpo"  # what TRL's own `_compute_loss`, called on this trainer below, reads
     inputs, stand_in = vllm_inputs(trainer, tokenizer, vllm_mode)
     ratio = inputs["importance_sampling_ratio"]
     assert ratio.std() > 0.05  # TRL's own ratios, not all equal: the correction matters
