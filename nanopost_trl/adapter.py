@@ -31,7 +31,8 @@ from nanopost_trl import base, checkpoints, config, learner, multiturn, sampling
 from nanopost_trl.config import TrainConfig, output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
-TOOL_FAILURES = ("errors", "timeouts")  # tool calls that failed, by kind (multiturn.guarded_call)
+# tool calls that failed, by kind: raised, timed out (multiturn.guarded_call), or their result dropped by TRL for length
+TOOL_FAILURES = ("errors", "timeouts", "overlong")
 
 
 class NanopostGRPOTrainer(GRPOTrainer):
@@ -129,6 +130,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         if self.tools:  # multi-turn episodes: turns, calls, malformed calls, failed calls by kind
             failures = dict(self.tool_counts)
             self.tool_counts.clear()  # the guarded tools hold this Counter
+            failures["overlong"] = multiturn.dropped_tool_results(failures.pop("executed", 0), completions)
             log_metrics(self, multiturn.episode_stats(completions, multiturn.tool_call_marker(self.tokenizer)))
             log_metrics(self, {f"tool_{kind}": float(failures.get(kind, 0)) for kind in TOOL_FAILURES}, "sum")
         if self.instances is not None and self.model.training:  # per-task means, where the rows name their task

@@ -50,8 +50,10 @@ def run_tools(instances: Sequence[TaskInstance]) -> tuple[list[Callable], Callab
 
 
 def guarded_call(function: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> Any:
-    """`function()` within `timeout_s`; else raise, counting the kind of failure ("errors", "timeouts") in `counts`.
-    A result that is not a str is TRL's to render (`str(result)`, or a list of content blocks as they are)."""
+    """`function()` within `timeout_s`; else raise, counting the kind of failure ("errors", "timeouts") in `counts`
+    (and every call in "executed"). A result that is not a str is TRL's to render (`str(result)`, or a list of
+    content blocks as they are)."""
+    counts["executed"] += 1
     try:
         return call_with_timeout(function, timeout_s)
     except GraderTimeout:
@@ -64,6 +66,7 @@ def guarded_call(function: Callable[[], Any], name: str, counts: collections.Cou
 
 async def guarded_await(call: Callable[[], Any], name: str, counts: collections.Counter[str], timeout_s: float) -> Any:
     """An async tool's `await call()` within `timeout_s` (TRL awaits it on its loop), counted as `guarded_call`."""
+    counts["executed"] += 1
     try:
         return await asyncio.wait_for(call(), timeout_s)
     except asyncio.TimeoutError:
@@ -130,6 +133,13 @@ def guarded_tool_loop(
     elif environment_factory is not None:
         arguments["environment_factory"] = guarded_environments(environment_factory, counts, timeout_s)
     return arguments
+
+
+def dropped_tool_results(executed: int, episodes: Sequence[Sequence[dict[str, Any]]]) -> int:
+    """How many of the `executed` tool calls have no result in the `episodes`: TRL rolls a round's results back when
+    they would push the episode past `max_completion_length` (or the model's context), without a counter."""
+    results = sum(message["role"] == "tool" for episode in episodes for message in episode)
+    return max(executed - results, 0)
 
 
 def tool_methods(cls: type) -> list[tuple[str, Callable]]:

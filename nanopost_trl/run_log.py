@@ -289,7 +289,7 @@ TROUBLE_COUNTS = {
     "reward_timeouts": "reward time-outs (scored 0)",
     "tool_errors": "tool errors",
     "tool_timeouts": "tool time-outs",
-    "tool_non_string": "tool results not str",
+    "tool_overlong": "tool results dropped (past max_completion_length)",
 }
 
 

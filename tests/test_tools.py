@@ -276,7 +276,7 @@ def test_guarded_tool_keeps_its_schema_and_counts_failures():
         tool(expression="__import__('os')")
     with pytest.raises(TypeError):
         tool(expr="7 * 43")  # a call with the wrong argument names
-    assert counts == {"errors": 2}
+    assert counts == {"errors": 2, "executed": 3}
 
 
 def test_malformed_calls_are_counted():
@@ -384,3 +384,23 @@ def test_trl_tool_semantics_with_trl_arguments(tool_model_dir, tmp_path, source)
     assert logged["tool_errors"] == logged["tool_timeouts"] == 0
     assert all(episode[1] == {"role": "tool", "name": "calculator", "content": "301"} for episode in seen)
     assert logged["reward"] == (2.0 if source == "environment_dict" else 1.0)  # the environments' get_reward adds 1
+
+
+def verbose(expression: str) -> str:
+    """A calculator whose result is far too long for the episode's token budget.
+
+    Args:
+        expression: The expression.
+    """
+    return "301 " * 200
+
+
+def test_a_tool_result_trl_drops_for_length_is_counted(tool_model_dir, tmp_path):
+    """TRL rolls back a tool result that would push the episode past max_completion_length, silently: counted as
+    `tool_overlong` and said on the step line."""
+    tool = type(verbose)(verbose.__code__, verbose.__globals__, "calculator")
+    tool.__doc__, tool.__annotations__ = calculator.__doc__, calculator.__annotations__
+    cfg = tool_cfg(tool_model_dir, tmp_path, eval_size=0)
+    summary = Trainer(cfg).run(loss_fn=GRPOLoss(kl_coef=0.0), tasks=tool_instances(tool))
+    row = [row for row in read_rows(summary.log_path) if "loss" in row][0]
+    assert row["tool_overlong"] == 4 and row["tool_errors"] == row["tool_timeouts"] == 0  # each of the 4 episodes
