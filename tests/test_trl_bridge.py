@@ -174,3 +174,54 @@ def test_liger_passes_through_with_the_fused_linear_cross_entropy_kept_off(tiny_
     either way (and `BackpropCheck` verifies it on the first step), so the option is no longer refused."""
     trainer = tiny_trainer(use_liger_kernel=True)
     assert trainer.args.use_liger_kernel and trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
+
+
+def trainer_attributes_read(path: Path, owner: str) -> set[str]:
+    """The attributes `owner.<name>` (`self` in the adapter class, `trainer` elsewhere) read in `path` that the
+    adapter does not define itself."""
+    import ast
+
+    from nanopost_trl.adapter import NanopostGRPOTrainer
+
+    ours = set(vars(NanopostGRPOTrainer)) | set(NanopostGRPOTrainer.__init__.__code__.co_names)
+    tree = ast.parse(path.read_text())
+    assigned = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name) and node.value.id == owner
+    }  # fmt: skip
+    read = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+        and isinstance(node.value, ast.Name) and node.value.id == owner
+    }  # fmt: skip
+    return read - assigned - ours
+
+
+def test_every_trainer_attribute_the_adapter_reads_is_listed_and_checked_at_start():
+    """Not only TRL's underscore names: every GRPOTrainer attribute read by the adapter (`self.X`) or by its features
+    (`trainer.X`) is in the bridge's checked lists, so a TRL that renames one stops at start-up."""
+    listed = (
+        set(trl_bridge.TRAINER_ATTRIBUTES) | set(trl_bridge.TRAINING_LOOP_ATTRIBUTES) | set(trl_bridge.TRAINER_STATE)
+    )
+    package = ROOT / "nanopost_trl"
+    read = trainer_attributes_read(package / "adapter.py", "self")
+    for module in ("learner.py", "sampling.py", "checkpoints.py", "run_log.py", "evaluation.py", "faults.py"):
+        read |= trainer_attributes_read(package / module, "trainer")
+    ours = {"cfg", "loss_fn", "instances", "shared_prompt", "sampler", "tokenizer", "completions_log"}
+    assert read - ours <= listed, sorted(read - ours - listed)
+
+
+def test_a_trl_that_drops_a_read_attribute_stops_at_start(tiny_trainer, monkeypatch):
+    original = GRPOTrainer.__init__
+
+    @functools.wraps(original)
+    def without_eos_ids(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        del self.eos_token_ids
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", without_eos_ids)
+    with pytest.raises(trl_bridge.UnsupportedTRL, match="GRPOTrainer instances have no eos_token_ids"):
+        tiny_trainer()
