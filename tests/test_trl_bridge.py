@@ -183,7 +183,7 @@ def trainer_attributes_read(path: Path, owner: str) -> set[str]:
 
     from nanopost_trl.adapter import NanopostGRPOTrainer
 
-    ours = set(vars(NanopostGRPOTrainer)) | set(NanopostGRPOTrainer.__init__.__code__.co_names)
+    ours = set(vars(NanopostGRPOTrainer))  # its methods and properties
     tree = ast.parse(path.read_text())
     assigned = {
         node.attr
