@@ -13,7 +13,9 @@ the adapter (fast sampling, shared-prompt learning) against plain TRL `GRPOTrain
 the same way. With `--continuous_batching`, one call of TRL's `use_transformers_continuous_batching` on SMOLLM_CPU's
 shape is timed too (transformers' `generate_batch`).
 
-    python benchmarks/sampling.py [--rounds 3] [--step] [--continuous_batching] [--threads 1]
+    python benchmarks/sampling.py [--shapes S ...] [--rounds 3] [--no_warmup] [--step] [--continuous_batching]
+                                  [--threads 1]
+    python benchmarks/sampling.py --shapes --step   # the whole step only
     python benchmarks/sampling.py --quick    # SMOLLM_CPU's shape, one interleaved round; last line: the ratio
 """
 
