@@ -13,7 +13,9 @@ the adapter (fast sampling, shared-prompt learning) against plain TRL `GRPOTrain
 the same way. With `--continuous_batching`, one call of TRL's `use_transformers_continuous_batching` on SMOLLM_CPU's
 shape is timed too (transformers' `generate_batch`).
 
-    python benchmarks/sampling.py [--rounds 3] [--step] [--continuous_batching] [--threads 1]
+    python benchmarks/sampling.py [--shapes S ...] [--rounds 3] [--no_warmup] [--step] [--continuous_batching]
+                                  [--threads 1]
+    python benchmarks/sampling.py --shapes --step   # the whole step only
     python benchmarks/sampling.py --quick    # SMOLLM_CPU's shape, one interleaved round; last line: the ratio
 """
 
@@ -152,7 +154,7 @@ def median(measured: list[tuple[float, int]]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES), help="none: --step only")
     parser.add_argument("--step", action="store_true", help="also the whole SMOLLM_CPU step against plain TRL's")
     parser.add_argument("--continuous_batching", action="store_true", help="also one call of TRL's CB path")
     parser.add_argument("--quick", action="store_true", help="SMOLLM_CPU's shape, one interleaved round")

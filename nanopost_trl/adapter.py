@@ -224,7 +224,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     # --- sampling without vLLM: each distinct prompt prefilled once, tool rounds continued from the cache
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if self.use_vllm or not self.sampler.applies(images, multimodal_fields):  # vLLM: TRL's own route
+        if self.use_vllm or not self.sampler.applies(images, multimodal_fields):  # vLLM samples with its own cache
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
