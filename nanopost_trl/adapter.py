@@ -27,8 +27,9 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, checkpoints, config, learner, multiturn, sampling, trl_bridge
-from nanopost_trl.config import TrainConfig, output_paths
+from nanopost_trl import base, checkpoints, learner, multiturn, sampling, trl_bridge, trl_config
+from nanopost_trl.config import TrainConfig
+from nanopost_trl.run_paths import output_paths
 from nanopost_trl.trl_bridge import log_metrics
 
 # tool calls that failed, by kind: raised, timed out (multiturn.guarded_call), or their result dropped by TRL for length
@@ -62,7 +63,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
             loss_fn = trl_bridge.filled_from_grpo_config(loss_fn, grpo_args)
             trl_bridge.check_loss_options(grpo_args, loss_fn)
         arguments["args"] = trl_bridge.with_reference(grpo_args, loss_fn.uses_reference)
-        if cfg is not None and (ignored := config.grpo_disagreements(cfg, grpo_args)):
+        if cfg is not None and (ignored := trl_config.grpo_disagreements(cfg, grpo_args)):
             raise ValueError(
                 "TrainConfig fields that TRL's GRPOConfig sets here (args is the trainer's config): "
                 + "; ".join(ignored)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from nanopost_trl.config import COMPLETIONS_SUFFIX
+from nanopost_trl.run_paths import COMPLETIONS_SUFFIX
 from nanopost_trl.utils import read_rows
 
 if TYPE_CHECKING:

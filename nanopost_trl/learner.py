@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from nanopost_trl import base, trl_bridge
-from nanopost_trl.config import check_sharding
+from nanopost_trl.launch import check_sharding
 from nanopost_trl.memory import launch_uses_fsdp
 from nanopost_trl.run_log import append_row, truncate_after
 from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
@@ -424,7 +424,7 @@ def check_vllm_server(host: str, port: int, base_url: str | None = None) -> None
 
 
 def check_launch(trainer, cfg) -> None:
-    """Refuse what this launch's sharding cannot run (`config.check_sharding`), and an FSDP config that accelerate
+    """Refuse what this launch's sharding cannot run (`launch.check_sharding`), and an FSDP config that accelerate
     did not turn into FSDP (it does so on GPUs only: CPU processes would silently run plain DDP)."""
     if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
         raise ValueError(

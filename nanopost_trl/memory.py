@@ -31,8 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nanopost_trl.config import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B, TRL_VOCAB_CHUNK, TrainConfig, check_sharding
+from nanopost_trl.config import TRL_VOCAB_CHUNK, TrainConfig
+from nanopost_trl.launch import check_sharding
 from nanopost_trl.models import SHIPPED_GGUF, check_model, resolve_model_path
+from nanopost_trl.presets import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B
 
 GIB = 2**30
 ZERO_STAGES = (0, 2, 3)  # 0: no DeepSpeed (DDP or one process)

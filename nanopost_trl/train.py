@@ -25,20 +25,16 @@ from trl import GRPOConfig, TrlParser
 
 from nanopost_trl import faults, memory
 from nanopost_trl.checkpoints import DiskError
-from nanopost_trl.config import (
-    TRL_NAMES,
-    Preset,
-    TrainConfig,
-    micro_batches,
-    run_to_resume,
-    translate_trl_names,
-    trl_meaning,
-)
+from nanopost_trl.config import TrainConfig
+from nanopost_trl.launch import micro_batches
 from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_hub_model, check_model
 from nanopost_trl.multiturn import chat_template_text
+from nanopost_trl.presets import Preset
+from nanopost_trl.run_paths import run_to_resume
 from nanopost_trl.tasks import get_task_loader, task_names, task_source
 from nanopost_trl.tasks.custom import HubDataUnavailable
+from nanopost_trl.trl_config import TRL_NAMES, translate_trl_names, trl_meaning
 from nanopost_trl.utils import close_match, make_dataclass
 
 USAGE = "nanopost-trl [--preset NAME] [--loss NAME] [--tasks NAME,...] [--config run.yaml] [--FIELD VALUE ...] [--list]"

@@ -24,7 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from nanopost_trl import base, checkpoints, faults, hub, learner, memory, multiturn, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
-from nanopost_trl.config import TrainConfig, output_paths, run_to_resume, to_grpo_config
+from nanopost_trl.config import TrainConfig
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import (
     check_chat_template,
@@ -35,7 +35,9 @@ from nanopost_trl.models import (
 )
 from nanopost_trl.rewards import RewardAdapter, reward_components
 from nanopost_trl.run_log import QuietProgressCallback, RunLogger, RunSummary, runtime_info, write_run_config
+from nanopost_trl.run_paths import output_paths, run_to_resume
 from nanopost_trl.tasks import resolve_tasks, tasks_label
+from nanopost_trl.trl_config import to_grpo_config
 
 
 class Trainer:
