@@ -69,13 +69,13 @@ TRAINER_STATE = ("_metrics", "_last_world_entropy")  # GRPOTrainer instance attr
 # The public GRPOTrainer / transformers.Trainer instance attributes the adapter and its features read, each checked
 # after `GRPOTrainer.__init__` (`check_trainer`); TRAINING_LOOP_ATTRIBUTES exist only once the training loop runs.
 TRAINER_ATTRIBUTES = (
-    "accelerator", "args", "aux_loss_enabled", "eos_token_ids", "generation_config", "generation_kwargs",
-    "is_deepspeed_enabled", "is_fsdp_enabled", "max_completion_length", "model", "model_wrapped", "num_generations",
-    "num_generations_eval", "pad_to_multiple_of", "processing_class", "ref_model", "reward_func_names", "reward_funcs",
-    "reward_weights", "router_aux_loss_coef", "state", "temperature", "tools", "train_dataset", "use_vllm",
-    "entropy_coef",
+    "accelerator", "args", "aux_loss_enabled", "eos_token_ids", "is_deepspeed_enabled", "is_fsdp_enabled",
+    "max_completion_length", "model", "model_wrapped", "num_generations", "num_generations_eval", "pad_to_multiple_of",
+    "processing_class", "ref_model", "reward_func_names", "reward_funcs", "reward_weights", "router_aux_loss_coef",
+    "state", "temperature", "tools", "train_dataset", "use_vllm", "entropy_coef",
 )  # fmt: skip
 TRAINING_LOOP_ATTRIBUTES = ("current_gradient_accumulation_steps",)
+TRANSFORMERS_PATH_ATTRIBUTES = ("generation_config", "generation_kwargs")  # TRL makes them without vLLM only
 
 # --- GRPOConfig's own fields (those it adds to transformers' TrainingArguments, which transformers' Trainer honours
 # unchanged), each honoured by TRL as is or mapped onto the built-in loss; `grpo_field_kinds` is the table.
@@ -293,7 +293,8 @@ def with_reference(args: trl.GRPOConfig, uses_reference: bool) -> trl.GRPOConfig
 def check_trainer(trainer: trl.GRPOTrainer) -> None:
     """After `GRPOTrainer.__init__`: the instance state read here, and every trainer attribute the adapter reads,
     exist."""
-    for name in (*TRAINER_STATE, *TRAINER_ATTRIBUTES):
+    sampling = () if trainer.use_vllm else TRANSFORMERS_PATH_ATTRIBUTES
+    for name in (*TRAINER_STATE, *TRAINER_ATTRIBUTES, *sampling):
         if not hasattr(trainer, name):
             raise UnsupportedTRL(f"GRPOTrainer instances have no {name}, which the adapter relies on; " + supported())
 

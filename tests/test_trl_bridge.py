@@ -203,9 +203,8 @@ def trainer_attributes_read(path: Path, owner: str) -> set[str]:
 def test_every_trainer_attribute_the_adapter_reads_is_listed_and_checked_at_start():
     """Not only TRL's underscore names: every GRPOTrainer attribute read by the adapter (`self.X`) or by its features
     (`trainer.X`) is in the bridge's checked lists, so a TRL that renames one stops at start-up."""
-    listed = (
-        set(trl_bridge.TRAINER_ATTRIBUTES) | set(trl_bridge.TRAINING_LOOP_ATTRIBUTES) | set(trl_bridge.TRAINER_STATE)
-    )
+    lists = ("TRAINER_ATTRIBUTES", "TRAINING_LOOP_ATTRIBUTES", "TRANSFORMERS_PATH_ATTRIBUTES", "TRAINER_STATE")
+    listed = {name for names in lists for name in getattr(trl_bridge, names)}
     package = ROOT / "nanopost_trl"
     read = trainer_attributes_read(package / "adapter.py", "self")
     for module in ("learner.py", "sampling.py", "checkpoints.py", "run_log.py", "evaluation.py", "faults.py"):
