@@ -36,7 +36,6 @@ from trl.trainer.utils import split_tensor_dict
 from nanopost_trl import learner
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
-from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import load_model_and_tokenizer, resolve_model_path
 from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
@@ -60,7 +59,7 @@ def build(kind: str, path: str, precision: str):
     if kind == "trl":
         trainer = GRPOTrainer(**common)
     else:
-        trainer = NanopostGRPOTrainer(loss_fn=GRPOLoss(), instances=instances, cfg=cfg, **common)
+        trainer = NanopostGRPOTrainer(instances=instances, cfg=cfg, **common)  # the built-in for loss_type "grpo"
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     trainer.model.train()
     return trainer, cfg

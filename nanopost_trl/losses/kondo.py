@@ -44,10 +44,10 @@ class KondoLoss(TokenLoss):
         if self.unit not in ("token", "sequence"):
             raise ValueError(f"unknown Kondo unit {self.unit!r}; valid: 'token', 'sequence'")
 
-    def gate(self, batch: base.LearnerBatch, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The (B, T) 0/1 gate, detached: 1 on the valid tokens (of `mask`, default `loss_mask(batch)`) of the
-        round(keep_frac * n) top-delight candidates."""
-        mask = self.loss_mask(batch) if mask is None else mask
+    def gate(self, batch: base.LearnerBatch) -> torch.Tensor:
+        """The (B, T) 0/1 gate, detached: 1 on the valid tokens (of `loss_mask`) of the round(keep_frac * n)
+        top-delight candidates."""
+        mask = self.loss_mask(batch)
         token_mask, chi = mask, delight(batch)
         if self.unit == "sequence":  # one delight per completion: A * -log pi(y|x)
             chi, mask = (chi * mask).sum(-1, keepdim=True), mask.amax(-1, keepdim=True)
@@ -63,7 +63,7 @@ class KondoLoss(TokenLoss):
     def policy_term(
         self, batch: base.LearnerBatch, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, base.Metrics]:
-        gate = self.gate(batch, mask)
+        gate = self.gate(batch)
         rows = mask.sum(-1) > 0
         metrics = {
             "kept_frac": masked_mean(gate, mask),
