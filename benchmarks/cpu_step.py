@@ -56,10 +56,8 @@ def build(kind: str, path: str, precision: str):
         train_dataset=build_dataset(instances),
         processing_class=AutoTokenizer.from_pretrained(path, padding_side="left"),
     )
-    if kind == "trl":
-        trainer = GRPOTrainer(**common)
-    else:
-        trainer = NanopostGRPOTrainer(instances=instances, cfg=cfg, **common)  # the built-in for loss_type "grpo"
+    # ours: the same GRPOConfig, the built-in for loss_type "grpo"
+    trainer = GRPOTrainer(**common) if kind == "trl" else NanopostGRPOTrainer(instances=instances, cfg=cfg, **common)
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     trainer.model.train()
     return trainer, cfg
