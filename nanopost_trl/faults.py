@@ -67,8 +67,9 @@ class Preemption(TrainerCallback):
         try:
             yield
         finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+            if self.signal_name is None:  # once stopping, a further signal must not kill the exit (save, exit 75)
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
 
     def on_signal(self, number: int, frame) -> None:
         name = signal.Signals(number).name
