@@ -49,6 +49,18 @@ class LostProcess(RuntimeError):
     """Another process of the run stopped answering (killed, out of memory, its node lost); one-line message."""
 
 
+def ignore_signals_once_complete() -> None:
+    """For the rest of the process (the command line after a completed run: the final model is saved, the summary
+    still to print): a preemption signal is ignored, saying so, so the process exits normally, not killed by it."""
+
+    def on_signal(number: int, frame) -> None:
+        say(f"{signal.Signals(number).name} after the run completed: exiting normally")
+
+    if threading.current_thread() is threading.main_thread():
+        for number in PREEMPTION_SIGNALS:
+            signal.signal(number, on_signal)
+
+
 class Preemption(TrainerCallback):
     """On SIGTERM / SIGUSR1 (any process): finish the step, save a checkpoint, stop training (every process). Added
     after `RunLogger`, so the step's row is in the log before the checkpoint is saved."""
@@ -56,6 +68,7 @@ class Preemption(TrainerCallback):
     def __init__(self) -> None:
         self.signal_name: str | None = None  # the first signal this process received
         self.stopped_step: int | None = None  # the step training stopped after, once it has
+        self.running_step = 0  # the optimizer step in progress (0: training has not started)
 
     @contextlib.contextmanager
     def handlers_installed(self) -> Iterator[None]:
@@ -77,7 +90,10 @@ class Preemption(TrainerCallback):
             say(f"{name} again: already stopping; the checkpoint being saved is not interrupted")
             return
         self.signal_name = name
-        say(f"{name}: finishing the current optimizer step, then saving a checkpoint and stopping")
+        say(f"{name} during step {self.running_step}: finishing it, then saving a checkpoint and stopping")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.running_step = state.global_step + 1
 
     def requested(self) -> bool:
         """Whether any process received a signal (a reduction over processes: they stop at the same step)."""

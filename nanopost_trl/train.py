@@ -262,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         summary = Trainer(cfg).run(loss_fn=loss_fn, tasks=tasks, resume=resume)
+        faults.ignore_signals_once_complete()  # the run is saved: a late SIGTERM lets the process exit normally
     except faults.Preempted as stop:  # the checkpoint is saved: say how to go on, exit with the requeue code
         if PartialState().is_main_process:
             say(f"resume: {faults.resume_command(argv, stop.run_name)}")
