@@ -308,7 +308,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
         """The loss's metrics that TRL computes too, under TRL's names (`LossFn.trl_metrics`) and reductions; with an
         entropy bonus, TRL's `entropy_coef` at each optimizer step's end (and the adaptive controller's update)."""
         renamed = {trl_name: metrics[name] for name, trl_name in self.loss_fn.trl_metrics.items() if name in metrics}
-        for reduction in ("mean", "min", "max"):
+        # one reduction (a collective over processes) per kind the loss declares: the same on every process
+        for reduction in sorted({trl_bridge.trl_reduction(name) for name in self.loss_fn.trl_metrics.values()}):
             chosen = {name: value for name, value in renamed.items() if trl_bridge.trl_reduction(name) == reduction}
             log_metrics(self, chosen, reduction)
         if not (self.model.training and (getattr(self.loss_fn, "entropy_coef", 0.0) or self.entropy_control)):
