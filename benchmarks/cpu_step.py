@@ -33,11 +33,11 @@ from transformers import AutoTokenizer
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
-from nanopost_trl import learner
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.models import load_model_and_tokenizer, resolve_model_path
 from nanopost_trl.rewards import Correctness, RewardAdapter
+from nanopost_trl.shared_prompt import SharedPromptSetting
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
 
@@ -107,7 +107,7 @@ def main() -> None:
     def learning(kind: str, precision: str) -> None:
         trainer, trl_trainer = trainers[precision][0], trl_trainers[precision]
         shared = trainer.shared_prompt
-        trainer.shared_prompt = shared if kind == "adapter" else learner.SharedPromptSetting(False, False)
+        trainer.shared_prompt = shared if kind == "adapter" else SharedPromptSetting(False, False)
         with trainer.accelerator.autocast():  # what TRL's training step wraps the learner in (bf16: autocast)
             for micro_batch in micro_batches:
                 if kind in ("adapter", "unshared"):

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from trl import GRPOTrainer
 
-from nanopost_trl import base, multiturn
+from nanopost_trl import base, chat_templates, tools
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, TrainConfig, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
@@ -68,13 +68,9 @@ def build(shape: str, kind: str, **grpo_options) -> tuple[GRPOTrainer, TrainConf
     instances = resolve_tasks(task, "train")
     instances = transform(instances) if transform else instances
     model, tokenizer = load_model_and_tokenizer(cfg)
-    if cfg.chat_template is not None:
-        multiturn.use_chat_template(tokenizer, cfg.chat_template, cfg.model)
-    tools, environment_factory = multiturn.run_tools(instances)
-    if tools:
-        multiturn.check_tool_template(tokenizer, cfg.model)
+    run_tools, environment_factory = tools.run_tools(instances)
+    chat_templates.set_up_chat_template(tokenizer, cfg.chat_template, cfg.model, uses_tools=bool(run_tools))
     args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
-    args.loss_type = "grpo"
     for name, value in grpo_options.items():
         setattr(args, name, value)
     common = dict(
@@ -85,10 +81,11 @@ def build(shape: str, kind: str, **grpo_options) -> tuple[GRPOTrainer, TrainConf
         processing_class=tokenizer,
     )
     if kind == "plain":
-        trainer = GRPOTrainer(tools=tools or None, **common)
+        args.loss_type = "grpo"
+        trainer = GRPOTrainer(tools=run_tools or None, **common)
     else:
         trainer = NanopostGRPOTrainer(
-            tools=tools,
+            tools=run_tools,
             loss_fn=GRPOLoss(),
             instances=instances,
             cfg=cfg,
@@ -173,7 +170,7 @@ def main() -> None:
         trl_path.model.load_state_dict(copy.deepcopy(ours.model.state_dict()))
         prompt = ours.processing_class.apply_chat_template(
             ours.train_dataset[0]["prompt"],
-            tools=ours.tools or None,
+            tools=ours.grpo.tools or None,
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from nanopost_trl import multiturn
+from nanopost_trl import chat_templates
 from nanopost_trl.config import Preset
 from nanopost_trl.evaluation import held_out_scores
 from nanopost_trl.models import cpu_has_native_bf16, load_model_and_tokenizer
@@ -40,7 +40,7 @@ def main() -> None:
         for setting, instances in (("without the tool", without_tool), ("without the tool or examples", question_only)):
             accuracy = held_out_scores(model, tokenizer, instances, args.max_new_tokens)["accuracy"][name]
             rows.append((setting, accuracy, None))
-        multiturn.use_chat_template(tokenizer, preset.chat_template, preset.model)
+        chat_templates.use_chat_template(tokenizer, preset.chat_template, preset.model)
         scores = held_out_scores(model, tokenizer, with_tool, args.max_new_tokens, max_tool_calling_iterations=1)
         rows.append((f"with the tool (`{preset.chat_template}` template)", scores["accuracy"][name],
                      scores["tool_calls"][name]))  # fmt: skip

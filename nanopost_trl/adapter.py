@@ -1,12 +1,14 @@
 """The adapter: TRL's GRPOTrainer whose loss and advantage estimator come from a `LossFn`.
 
-Each override (the hooks listed in `trl_bridge.HOOKS`) is a short delegation to a feature in `nanopost_trl.learner`;
-everything that names a TRL private lives in `nanopost_trl.trl_bridge`. Read top to bottom, a step is:
+Each override (the hooks listed in `trl_bridge.HOOKS`) is a short delegation to a feature in a module of its own
+(`learner`: the batch's tensors and checks; `logprobs`; `sampling`; `refill`; `model_copies`; `tools`); everything
+that names a TRL private lives in `nanopost_trl.trl_bridge`, and TRL's own trainer attributes are read through its
+checked view (`self.grpo`). Read top to bottom, a step is:
 1. `_generate_and_score_completions`: TRL samples (with the actor's weights under `sync_interval > 1`, the reference
    on the device; without vLLM through `_generate_single_turn`: `nanopost_trl.sampling`) and scores;
    `_calculate_rewards` keeps the step's rewards; then the loss's advantages over whole groups, the groups it keeps,
    and the truncation flags join TRL's output; a few of the main process's rows go to the completions log
-   (`learner.CompletionsLog`).
+   (`run_log.CompletionsLog`).
 2. `_compute_loss`, per micro-batch: the policy's log-probs and entropies (`_get_per_token_logps_and_entropies`:
    TRL's fused LM head in `cfg`'s tiles, or the full logits), a `LearnerBatch`, the `LossFn`, checked, scaled for
    gradient accumulation as TRL does.
@@ -27,12 +29,17 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from nanopost_trl import base, checkpoints, learner, multiturn, sampling, trl_bridge, trl_config
+from nanopost_trl import base, chat_templates, checkpoints, learner, logprobs, sampling, tools, trl_bridge, trl_config
 from nanopost_trl.config import TrainConfig
+from nanopost_trl.launch import check_launch, check_vllm_server
+from nanopost_trl.model_copies import ActorCopy, ReferenceOffload
+from nanopost_trl.refill import GroupRefill
+from nanopost_trl.run_log import CompletionsLog
 from nanopost_trl.run_paths import output_paths
+from nanopost_trl.shared_prompt import shared_prompt_setting
 from nanopost_trl.trl_bridge import log_metrics
 
-# tool calls that failed, by kind: raised, timed out (multiturn.guarded_call), or their result dropped by TRL for length
+# tool calls that failed, by kind: raised, timed out (tools.guarded_call), or their result dropped by TRL for length
 TOOL_FAILURES = ("errors", "timeouts", "overlong")
 
 
@@ -72,37 +79,35 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self.loss_fn, self.instances, self.cfg = loss_fn, instances, cfg
         # tools and environments go to TRL's tool loop, each call guarded (errors, time-outs counted)
         self.tool_counts: collections.Counter[str] = collections.Counter()
-        arguments |= multiturn.guarded_tool_loop(
+        arguments |= tools.guarded_tool_loop(
             arguments.get("tools"), arguments.get("environment_factory"), self.tool_counts, cfg.tool_timeout_s
         )
-        self.actor = learner.ActorCopy(cfg.sync_interval)
-        self.reference = learner.ReferenceOffload(cfg.offload_reference)
+        self.actor = ActorCopy(cfg.sync_interval)
+        self.reference = ReferenceOffload(cfg.offload_reference)
         self.entropy_control = learner.AdaptiveEntropy.from_grpo_config(grpo_args)
         self.backprop_check, self.fused_head_check = trl_bridge.BackpropCheck(), trl_bridge.FusedHeadCheck()
         self.step_rewards: torch.Tensor | None = None  # (N, C) of the step being scored, from `_calculate_rewards`
         self.step_texts: tuple[list, list] = ([], [])  # this process's prompts and completions, likewise
-        self.completions_log = learner.CompletionsLog(
+        self.completions_log = CompletionsLog(
             output_paths(cfg)["completions"] if cfg.run_name else None, cfg.completions_per_step_logged
         )
         # TRL's vLLM client lives on the global main process (RANK 0): it checks the server there
         if grpo_args.use_vllm and grpo_args.vllm_mode == "server" and int(os.environ.get("RANK", "0")) == 0:
-            learner.check_vllm_server(
-                grpo_args.vllm_server_host, grpo_args.vllm_server_port, grpo_args.vllm_server_base_url
-            )
+            check_vllm_server(grpo_args.vllm_server_host, grpo_args.vllm_server_port, grpo_args.vllm_server_base_url)
         super().__init__(**arguments)
-        trl_bridge.check_trainer(self)
-        learner.check_launch(self, cfg)
-        if cfg.offload_reference and self.ref_model is not None:
-            self.ref_model.to("cpu")
+        self.grpo = trl_bridge.GRPOView(self)  # the GRPOTrainer attributes read below, each checked here
+        check_launch(self, cfg)
+        if cfg.offload_reference and self.grpo.ref_model is not None:
+            self.grpo.ref_model.to("cpu")
         if self.entropy_control is not None:  # the controller starts from the loss's coefficient
             trl_bridge.set_entropy_state(self, self.loss_fn.entropy_coef, *trl_bridge.entropy_state(self)[1:])
-        self.shared_prompt = learner.shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
+        self.shared_prompt = shared_prompt_setting(cfg, self.accelerator.unwrap_model(self.model), self.args)
         self.sampler = sampling.FastSampler(self, cfg.fast_sampling)
 
     @property
     def group_size(self) -> int:
         """Completions per prompt in the current pass (TRL's `num_generations_eval` in evaluation)."""
-        return self.num_generations if self.model.training else self.num_generations_eval
+        return self.grpo.num_generations if self.model.training else self.grpo.num_generations_eval
 
     # --- checkpoints: written into a staging directory, checked, renamed into place (`checkpoints.save_checkpoint`)
     def _save_checkpoint(self, model, trial):
@@ -118,21 +123,23 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     def weighted_rewards(self, components: torch.Tensor) -> torch.Tensor:
         """(N,) from (N, C): TRL's weighted sum, a NaN component (an environment's `get_reward` gave None) skipped."""
-        return (components * self.reward_weights.to(components.device)).nansum(dim=1)
+        return (components * self.grpo.reward_weights.to(components.device)).nansum(dim=1)
 
     # --- rewards: keep the step's per-function rewards; log grader errors, time-outs, tool use and per-task means
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self.step_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self.step_texts = (prompts, completions)
-        counts = [func.take_counts() for func in self.reward_funcs if hasattr(func, "take_counts")]  # not get_reward
+        counts = [
+            func.take_counts() for func in self.grpo.reward_funcs if hasattr(func, "take_counts")
+        ]  # not get_reward
         log_metrics(
             self, {"reward_errors": sum(c[0] for c in counts), "reward_timeouts": sum(c[1] for c in counts)}, "sum"
         )
-        if self.tools:  # multi-turn episodes: turns, calls, malformed calls, failed calls by kind
+        if self.grpo.tools:  # multi-turn episodes: turns, calls, malformed calls, failed calls by kind
             failures = dict(self.tool_counts)
             self.tool_counts.clear()  # the guarded tools hold this Counter
-            failures["overlong"] = multiturn.dropped_tool_results(failures.pop("executed", 0), completions)
-            log_metrics(self, multiturn.episode_stats(completions, multiturn.tool_call_marker(self.tokenizer)))
+            failures["overlong"] = tools.dropped_tool_results(failures.pop("executed", 0), completions)
+            log_metrics(self, tools.episode_stats(completions, chat_templates.tool_call_marker(self.tokenizer)))
             log_metrics(self, {f"tool_{kind}": float(failures.get(kind, 0)) for kind in TOOL_FAILURES}, "sum")
         if self.instances is not None and self.model.training:  # per-task means, where the rows name their task
             rewards = self.weighted_rewards(self.step_rewards)
@@ -158,13 +165,13 @@ class NanopostGRPOTrainer(GRPOTrainer):
         params = self._trainable_params()
         staleness = self.actor.staleness(self.state.global_step, params) if self.model.training else 0
         with (
-            self.reference.on_device(self.ref_model, self.accelerator.device),
+            self.reference.on_device(self.grpo.ref_model, self.accelerator.device),
             self.actor.weights(params) if staleness else nullcontext(),
             self.accelerator.autocast(),  # bf16: sample in bf16 too (TRL generates outside autocast), weights stay fp32
             self.sampler.session(),  # tool rounds continue from the cache of the call before, released after
         ):
             scored = [self._scored_groups(inputs, staleness)]
-            refill = learner.GroupRefill(self.group_size, len(inputs), self.accelerator.num_processes)
+            refill = GroupRefill(self.group_size, len(inputs), self.accelerator.num_processes)
             rounds = self.cfg.refill_rounds if self.model.training else 0
             while len(scored) <= rounds and refill.short(keep for _, keep in scored):
                 seed = hash((self.args.seed, self.state.global_step, len(scored), self.accelerator.process_index))
@@ -205,7 +212,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         keep = learner.kept_rows(self.loss_fn, rewards, self.group_size)
         if trl_bridge.declares_advantages(self.loss_fn):  # the loss's estimator, over whole groups
             advantages = learner.loss_advantages(
-                self.loss_fn, rewards, components, self.reward_func_names, self.group_size
+                self.loss_fn, rewards, components, self.grpo.reward_func_names, self.group_size
             )[local]
         else:  # TRL's own (GRPOConfig's scale_rewards, multi_objective_aggregation)
             advantages = output["advantages"]
@@ -219,13 +226,13 @@ class NanopostGRPOTrainer(GRPOTrainer):
             "rewards": rewards[local],
             "reward_components": components[local],
             "truncated": learner.truncated(
-                completion_ids, self.max_completion_length, [*self.eos_token_ids, self.tokenizer.pad_token_id]
+                completion_ids, self.grpo.max_completion_length, [*self.grpo.eos_token_ids, self.tokenizer.pad_token_id]
             ),
         }, keep
 
     # --- sampling without vLLM: each distinct prompt prefilled once, tool rounds continued from the cache
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if self.use_vllm or not self.sampler.applies(images, multimodal_fields):  # vLLM samples with its own cache
+        if self.grpo.use_vllm or not self.sampler.applies(images, multimodal_fields):  # vLLM samples with its own cache
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -236,8 +243,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
     ):
         if not self.cfg.chunked_logprobs:
-            return learner.materialized_logprobs(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, self.temperature,
+            return logprobs.materialized_logprobs(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, self.grpo.temperature,
                 self.accelerator.autocast, **kwargs,
             )  # fmt: skip
         vocab_chunk = self.cfg.vocab_chunk(triton=trl_bridge.kernel_uses_triton(input_ids.device))
@@ -245,7 +252,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         scored = bool(attention_mask[:, -logits_to_keep:].any())  # every completion masked (truncated): TRL's path
         with trl_bridge.fused_head_tiles(vocab_chunk, self.fused_head_check):
             if self.shared_prompt.applies and not extra_inputs and scored:  # multimodal or MoE-router: TRL's path
-                result = learner.shared_prompt_pass(
+                result = logprobs.shared_prompt_pass(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                     self.accelerator.autocast,
                 )  # fmt: skip
@@ -266,16 +273,16 @@ class NanopostGRPOTrainer(GRPOTrainer):
         def forward(rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._get_per_token_logps_and_entropies(
                 model, input_ids[rows], attention_mask[rows], logits_to_keep, batch_size,
-                compute_entropy=not scoring, compute_aux_loss=self.aux_loss_enabled and not scoring,
+                compute_entropy=not scoring, compute_aux_loss=self.grpo.aux_loss_enabled and not scoring,
             )  # fmt: skip
 
-        if scoring or not learner.declares_backward_rows(self.loss_fn):
+        if scoring or not logprobs.declares_backward_rows(self.loss_fn):
             return forward(slice(None))
-        logprobs, entropies, router_loss, kept = learner.gated_policy_logprobs(
+        policy_logprobs, entropies, router_loss, kept = logprobs.gated_policy_logprobs(
             forward, lambda lp, ent: self.loss_fn.backward_rows(trl_bridge.learner_batch(self, inputs, lp, ent))
         )
         log_metrics(self, {} if kept is None else {"backward_rows_frac": kept})
-        return logprobs, entropies, router_loss
+        return policy_logprobs, entropies, router_loss
 
     # --- loss: a LearnerBatch from TRL's tensors, then the LossFn
     def _compute_loss(self, model, inputs):
@@ -299,7 +306,7 @@ class NanopostGRPOTrainer(GRPOTrainer):
         )
         self._log_trl_metrics(metrics, batch)
         if router_loss is not None:  # a MoE model's load-balancing loss, added as TRL adds it
-            loss = loss + self.router_aux_loss_coef * router_loss
+            loss = loss + self.grpo.router_aux_loss_coef * router_loss
             log_metrics(self, {"aux_loss": router_loss.item()})
         normalizer = self.current_gradient_accumulation_steps if self.model.training else 1.0
         return self.backprop_check.watch(loss / normalizer)
@@ -327,7 +334,8 @@ class NanopostGRPOTrainer(GRPOTrainer):
 
     def _prepare_inputs(self, generation_batch):
         """TRL's, shuffling whole prompt groups where micro-batches hold whole groups (the shared prompt's saving)."""
-        with trl_bridge.shuffled_by_group(self.num_generations) if self.shared_prompt.whole_groups else nullcontext():
+        whole_groups = self.shared_prompt.whole_groups
+        with trl_bridge.shuffled_by_group(self.grpo.num_generations) if whole_groups else nullcontext():
             return super()._prepare_inputs(generation_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

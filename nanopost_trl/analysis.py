@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from nanopost_trl.run_paths import COMPLETIONS_SUFFIX
+from nanopost_trl.run_paths import COMPLETIONS_SUFFIX, run_files
 from nanopost_trl.utils import read_rows
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def _jsonl_files(paths: PathLike | Sequence[PathLike], completions: bool = False
             if item.suffix != ".jsonl":
                 raise ValueError(f"{item} is not a .jsonl run log")
             if item.name.endswith(COMPLETIONS_SUFFIX) != completions:
-                run_log = item.name.removesuffix(COMPLETIONS_SUFFIX) + ".jsonl"
+                run_log = run_files(item.parent, item.name.removesuffix(COMPLETIONS_SUFFIX))["log"].name
                 raise ValueError(
                     f"{item} is a completions file: read it with analysis.load_completions, or pass the run log "
                     f"{run_log}"
@@ -81,7 +81,7 @@ def _cell(value: Any) -> Any:
 
 def _read_config(path: Path) -> dict[str, Any]:
     """Flattened `{run_name}-config.json` next to a run log; {} (with a warning) if missing or unreadable."""
-    cfg_path = path.with_name(f"{path.stem}-config.json")
+    cfg_path = run_files(path.parent, path.stem)["config"]
     try:
         raw = json.loads(cfg_path.read_text())
     except FileNotFoundError:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from nanopost_trl import multiturn
+from nanopost_trl import chat_templates, tools
 from nanopost_trl.base import Prompt, TaskInstance
 from nanopost_trl.rewards import safe_grade
 from nanopost_trl.utils import text_of
@@ -50,7 +50,7 @@ def held_out_scores(
     temperature: float = 1.0,
     seed: int = 0,
     max_tool_calling_iterations: int = 4,
-    tool_timeout_s: float = multiturn.DEFAULT_TOOL_TIMEOUT_S,
+    tool_timeout_s: float = tools.DEFAULT_TOOL_TIMEOUT_S,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per task name, under "accuracy": the mean eval_fn score of the greedy completion (`samples=1`), or of the best
@@ -134,13 +134,13 @@ class Episode:
         self, instance: TaskInstance, tokenizer: PreTrainedTokenizerBase, counts: collections.Counter, timeout_s: float
     ) -> None:
         self.messages: list[dict[str, Any]] = copy.deepcopy(list(instance.prompt))
-        self.tools = [multiturn.guarded(tool, counts, timeout_s) for tool in instance.tools]
+        self.tools = [tools.guarded(tool, counts, timeout_s) for tool in instance.tools]
         if instance.environment_factory is not None:
-            environment = multiturn.guarded_environments(instance.environment_factory, counts, timeout_s)()
+            environment = tools.guarded_environments(instance.environment_factory, counts, timeout_s)()
             observation = environment.reset(prompt=instance.prompt)
             if isinstance(observation, str):  # appended to the last prompt message, as TRL does
                 self.messages[-1] = {**self.messages[-1], "content": self.messages[-1]["content"] + observation}
-            self.tools += multiturn.environment_tools(environment)
+            self.tools += tools.environment_tools(environment)
         self.ids: list[int] = tokenizer.apply_chat_template(
             self.messages, tools=self.tools or None, add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
@@ -196,7 +196,7 @@ def tool_episodes(
     """The multi-turn episodes of `instances`, `samples` consecutive ones per instance (module docstring)."""
     from trl.chat_template_utils import parse_response
 
-    multiturn.check_tool_template(tokenizer, model.name_or_path)  # and the tool-call parser, as training sets it
+    chat_templates.check_tool_template(tokenizer, model.name_or_path)  # and the tool-call parser, as training sets it
     budget = generation_config.max_new_tokens
     one_each = GenerationConfig(**{**generation_config.to_dict(), "num_return_sequences": 1})
     counts: collections.Counter[str] = collections.Counter()  # eval's tool failures are not training's

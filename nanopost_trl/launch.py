@@ -1,7 +1,12 @@
-"""Launch checks: how a run's completions split over a launch's processes (`micro_batches`), and what a sharded
-launch cannot run (`check_sharding`)."""
+"""Launch checks: how a run's completions split over a launch's processes (`micro_batches`), what a sharded launch
+cannot run (`check_sharding`, `check_launch`), the launch accelerate set up (`launch_setting`, `launch_uses_fsdp`),
+and a vLLM server that answers (`check_vllm_server`)."""
 
 from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
 
 from nanopost_trl.config import TrainConfig
 
@@ -43,3 +48,48 @@ def check_sharding(cfg: TrainConfig, *, zero_stage: int = 0, fsdp: bool = False)
             "offload_reference: not supported with FSDP, which shards the reference over the processes "
             "(fsdp_offload_params: true offloads every shard to CPU)"
         )
+
+
+def launch_uses_fsdp() -> bool:
+    """Whether this launch is an FSDP one (accelerate's environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def launch_setting() -> tuple[int, int]:
+    """(processes, ZeRO stage) of the current launch: accelerate's environment, else one process without ZeRO."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    stage = (
+        int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if os.environ.get("ACCELERATE_USE_DEEPSPEED") else 0
+    )
+    return processes, stage
+
+
+VLLM_CONNECT_TIMEOUT_S = 5.0  # a server that is up accepts at once; TRL's own loop then waits for its health check
+
+
+def check_vllm_server(host: str, port: int, base_url: str | None = None) -> None:
+    """Raise a one-line ConnectionError unless a TCP connection to the vLLM server opens within
+    `VLLM_CONNECT_TIMEOUT_S` (TRL's client retries for `vllm_server_timeout`, and its health check has no connect
+    timeout of its own: an unroutable host would hang there for minutes)."""
+    if base_url is not None:
+        url = urlparse(base_url if "://" in base_url else f"http://{base_url}")
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=VLLM_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"vllm_mode='server': no vLLM server at {host}:{port} ({error.strerror or error}); start it first "
+            f"(`trl vllm-serve --model ... --port {port}`) or set vllm_server_host / vllm_server_port"
+        ) from None
+
+
+def check_launch(trainer, cfg) -> None:
+    """Refuse what this launch's sharding cannot run (`check_sharding`), and an FSDP config that accelerate
+    did not turn into FSDP (it does so on GPUs only: CPU processes would silently run plain DDP)."""
+    if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
+            "plain DDP): launch CPU processes with --multi_gpu instead"
+        )
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0
+    check_sharding(cfg, zero_stage=zero_stage, fsdp=trainer.is_fsdp_enabled)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nanopost_trl.config import TRL_VOCAB_CHUNK, TrainConfig
-from nanopost_trl.launch import check_sharding
+from nanopost_trl.launch import check_sharding, launch_setting, launch_uses_fsdp
 from nanopost_trl.models import SHIPPED_GGUF, check_model, resolve_model_path
 from nanopost_trl.presets import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B
 
@@ -459,20 +459,6 @@ def _knobs(
         stage = 2 if zero_stage == 0 else 3
         knobs.append((f"DeepSpeed ZeRO-{stage}", cfg, {"zero_stage": stage}))
     return knobs
-
-
-def launch_uses_fsdp() -> bool:
-    """Whether this launch is an FSDP one (accelerate's environment)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def launch_setting() -> tuple[int, int]:
-    """(processes, ZeRO stage) of the current launch: accelerate's environment, else one process without ZeRO."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    stage = (
-        int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if os.environ.get("ACCELERATE_USE_DEEPSPEED") else 0
-    )
-    return processes, stage
 
 
 def visible_device_gb() -> float | None:

@@ -2,48 +2,32 @@
 
 A RewardFn returns one float per completion, or NaN for a completion it could not score (its grader raised or ran
 past its time limit); the trainer turns NaN into 0.0 and logs the count as `reward_errors`. `safe_grade` is the
-per-completion guard: it never lets a grader crash or hang the run, and counts what it caught in the innermost
+per-completion guard: it never lets a grader crash or hang the run (the time limit is
+`timeouts.call_with_timeout`'s), and counts what it caught in the innermost
 `counting_graders()` block (training's reward calls run in one; the held-out evaluation's do not, so an eval time-out
 never shows up in a training step's `reward_timeouts`). A grader counts events of its own there with
 `count_grader_event` (the code task: how each program ended, `sandbox_*`), which `RewardAdapter` logs through TRL's
 `log_metric`. `RewardAdapter` hands a RewardFn to TRL.
-
-Timeout mechanism: in the main thread, `signal.setitimer(ITIMER_REAL)` + a SIGALRM handler that raises
-`GraderTimeout`, which interrupts a hung pure-Python grader (a loop, a `time.sleep`, sympy) at its next bytecode.
-`GraderTimeout` derives from BaseException so a grader's own `except Exception` cannot swallow it. An exception
-raised inside a finalizer (`__del__`) is swallowed by the interpreter, so the cyclic garbage collector is paused
-while a grader runs (its finalizers, e.g. of objects a training step left behind, would otherwise run mid-grader),
-and the alarm repeats every `ALARM_REPEAT_S` until the grader has stopped. Signals only
-work in the main thread, so elsewhere (or on platforms without setitimer) the grader runs in a daemon worker
-thread joined with the time limit; on timeout `GraderTimeout` is injected into the worker with
-`PyThreadState_SetAsyncExc`, which stops pure-Python code; a grader stuck inside one C call is left to finish in
-the background. While it runs, `safe_grade` owns SIGALRM: graders must not set their own alarms (the `math` grader
-turns math-verify's off for this reason).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import functools
-import gc
 import inspect
 import math
 import re
-import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from nanopost_trl.base import RewardFn, TaskInstance
+from nanopost_trl.timeouts import GraderTimeout, call_with_timeout, check_timeout
 from nanopost_trl.utils import text_of
 
 DEFAULT_TIMEOUT_S = 5.0
-ALARM_REPEAT_S = 0.05
-T = TypeVar("T")
 REWARD_FN_SIGNATURE = "reward_fn(completions: list[str], instances: list[TaskInstance]) -> list[float]"
 
 # The counters of the open `counting_graders()` blocks, innermost last (any thread's graders count in it).
@@ -65,65 +49,6 @@ def count_grader_event(name: str, amount: float = 1.0) -> None:
     """Add `amount` to `name` in the innermost `counting_graders()` block; outside one, nothing counts it."""
     if _grader_counts:
         _grader_counts[-1][name] += amount
-
-
-class GraderTimeout(BaseException):
-    """Raised inside a grader that ran past its time limit (a BaseException, so `except Exception` lets it pass)."""
-
-
-def _raise_timeout(signum: int, frame: object) -> None:
-    raise GraderTimeout
-
-
-def _call_with_alarm(function: Callable[[], T], timeout_s: float) -> T:
-    previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s, ALARM_REPEAT_S)
-        return function()
-    finally:  # disarm first (a late alarm landing here is caught and the disarm retried), then restore the handler
-        while True:
-            try:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                break
-            except GraderTimeout:
-                continue
-        signal.signal(signal.SIGALRM, previous)
-        if collecting:
-            gc.enable()
-
-
-def _call_in_worker(function: Callable[[], T], timeout_s: float) -> T:
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = function()
-        except BaseException as error:  # noqa: B036 -- handed back to the caller's thread below
-            outcome["error"] = error
-
-    worker = threading.Thread(target=run, name="nanopost-grader", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(GraderTimeout))
-        raise GraderTimeout
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
-
-
-def check_timeout(timeout_s: float) -> None:
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-
-
-def call_with_timeout(function: Callable[[], T], timeout_s: float) -> T:
-    """`function()`, or `GraderTimeout` raised once it has run `timeout_s` seconds (the mechanism above)."""
-    check_timeout(timeout_s)
-    in_main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-    return (_call_with_alarm if in_main_thread else _call_in_worker)(function, timeout_s)
 
 
 def safe_grade(eval_fn: Callable[[str], float], completion: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from nanopost_trl import base
 from nanopost_trl.checkpoints import DiskError, disk_error_kind, disk_error_message
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.evaluation import held_out_scores
-from nanopost_trl.utils import read_rows
+from nanopost_trl.run_paths import run_files
+from nanopost_trl.utils import read_rows, text_of
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -251,7 +253,7 @@ class RunLogger(TrainerCallback):
         return RunSummary(
             run_name=cfg.run_name,
             log_path=self.log_path,
-            config_path=self.log_path.with_name(f"{cfg.run_name}-config.json"),
+            config_path=run_files(self.log_path.parent, cfg.run_name)["config"],
             model_dir=model_dir,
             eval_before=_strip_eval(self.eval_before),
             eval_after=_strip_eval(self.eval_after),
@@ -312,3 +314,50 @@ def _format_eval(step: int, metrics: dict[str, Any]) -> str:
     return f"eval @ {step}: " + ", ".join(
         f"{key.removeprefix('eval_')} {value:.1%}" for key, value in metrics.items() if key.startswith("eval_")
     )
+
+
+class CompletionsLog:
+    """`path` (out/{run_name}-completions.jsonl): `per_step` of each step's completions, evenly spaced over its rows
+    so that they span its groups, one JSON line each: step, task, prompt, completion, reward, advantage. Append-only;
+    its first step's `record` drops the rows of that step and later ones (a resumed run logs them again; a fresh run
+    of the same name starts at step 1, so the old file empties)."""
+
+    def __init__(self, path: Path | None, per_step: int) -> None:
+        """`path` None (a trainer built outside `Trainer.run`, with no run name): nothing is written."""
+        self.path, self.per_step = path, per_step if path is not None else 0
+        self.started = False
+
+    def record(
+        self,
+        step: int,
+        tasks: Sequence[str],
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> None:
+        """Write the sampled rows of `step`; of chat prompts and completions, the last message's text, and of a
+        multi-turn episode (tool calls) also its messages, calls and results included, under "episode"."""
+        if not self.per_step:
+            return
+        if not self.started:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_after(self.path, step - 1)
+            self.started = True
+        for row in range(0, len(completions), math.ceil(len(completions) / self.per_step)):
+            append_row(
+                self.path,
+                {
+                    "step": step,
+                    "task": tasks[row],
+                    "prompt": text_of(prompts[row]),
+                    "completion": text_of(completions[row], role="assistant"),
+                    "reward": rewards[row].item(),
+                    "advantage": advantages[row].item(),
+                }
+                | (
+                    {"episode": completions[row]}
+                    if isinstance(completions[row], list) and len(completions[row]) > 1
+                    else {}
+                ),  # fmt: skip
+            )

@@ -1,4 +1,4 @@
-"""Where a run writes (`output_paths`: its log, completions log, config record, checkpoints), and which run
+"""Where a run writes (`run_files`, `output_paths`: its log, completions log, config record, checkpoints), and which run
 `--resume latest` continues (`run_to_resume`)."""
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ def run_to_resume(cfg: TrainConfig) -> str:
     return max(checkpoints, key=lambda c: c.stat().st_mtime).parent.name
 
 
-def output_paths(cfg: TrainConfig) -> dict[str, Path]:
-    """Where a run writes: the per-step log, the sampled completions, the config record, the checkpoint directory."""
-    out = Path(cfg.out_dir)
+def run_files(out_dir: str | Path, run_name: str) -> dict[str, Path]:
+    """The files of run `run_name` in `out_dir`: the per-step log, the sampled completions, the config record, the
+    checkpoint directory. The one place their names are made."""
+    out = Path(out_dir)
     return {
-        "log": out / f"{cfg.run_name}.jsonl",
-        "completions": out / f"{cfg.run_name}{COMPLETIONS_SUFFIX}",
-        "config": out / f"{cfg.run_name}-config.json",
-        "checkpoints": out / cfg.run_name,
+        "log": out / f"{run_name}.jsonl",
+        "completions": out / f"{run_name}{COMPLETIONS_SUFFIX}",
+        "config": out / f"{run_name}-config.json",
+        "checkpoints": out / run_name,
     }
+
+
+def output_paths(cfg: TrainConfig) -> dict[str, Path]:
+    """Where the run `cfg` writes (`run_files` of its `out_dir` and `run_name`)."""
+    return run_files(cfg.out_dir, cfg.run_name)

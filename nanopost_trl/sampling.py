@@ -180,7 +180,7 @@ def trainer_unsupported(trainer: Any) -> str | None:
         return f"cache_implementation={args.cache_implementation!r} (the fast sampler keeps a DynamicCache)"
     if trainer.is_fsdp_enabled:
         return "FSDP (TRL's generation gathers the sharded weights)"
-    mode = trainer.generation_config.get_generation_mode()
+    mode = trainer.grpo.generation_config.get_generation_mode()
     if mode not in SAMPLING_MODES:
         return f"generation mode {mode.value} (the fast sampler samples or decodes greedily, one sequence a row)"
     return model_unsupported(trainer.accelerator.unwrap_model(trainer.model))
@@ -281,13 +281,13 @@ class FastSampler:
     def __init__(self, trainer: Any, enabled: bool) -> None:
         """`enabled` (TrainConfig.fast_sampling) on the transformers path; where it cannot apply, TRL's path runs and
         the reason is logged once."""
-        self.reason = None if enabled and not trainer.use_vllm else "off"
+        self.reason = None if enabled and not trainer.grpo.use_vllm else "off"
         if self.reason is None and (reason := trainer_unsupported(trainer)):
             self.reason = reason
             warnings.warn(f"fast_sampling: off ({reason}); TRL's transformers path samples", stacklevel=3)
-        self.keep_cache = bool(trainer.tools)  # only the tool loop continues a call's rows
+        self.keep_cache = bool(trainer.grpo.tools)  # only the tool loop continues a call's rows
         layout_options = [
-            name for name in LAYOUT_OPTIONS if self.reason is None and getattr(trainer.generation_config, name)
+            name for name in LAYOUT_OPTIONS if self.reason is None and getattr(trainer.grpo.generation_config, name)
         ]
         if self.keep_cache and layout_options:
             self.keep_cache = False
@@ -296,7 +296,7 @@ class FastSampler:
                 "padding or the row length, which continuing from the cache changes)",
                 stacklevel=3,
             )
-        self.pad_to_multiple_of = trainer.pad_to_multiple_of
+        self.pad_to_multiple_of = trainer.grpo.pad_to_multiple_of
         self.kept: KeptCache | None = None
         self.in_session = False
         self.logged: set[str] = set()
@@ -329,12 +329,12 @@ class FastSampler:
                 trainer.model_wrapped,
                 trainer.accelerator,
                 gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                generation_kwargs=trainer.generation_kwargs,
+                generation_kwargs=trainer.grpo.generation_kwargs,
                 gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
             ) as model,
             torch.no_grad(),
         ):
-            return self.generate(model, rows, trainer.generation_config, trainer.eos_token_ids)
+            return self.generate(model, rows, trainer.grpo.generation_config, trainer.grpo.eos_token_ids)
 
     def generate(
         self, model: torch.nn.Module, rows: list[list[int]], config: GenerationConfig, eos_token_ids: Sequence[int]

@@ -23,6 +23,7 @@ row order; the saving is complete when a micro-batch holds whole groups (`shuffl
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -200,3 +201,24 @@ def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, An
         return [value[i] for i in permutation]
 
     return {key: permute(value) for key, value in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPromptSetting:
+    """Whether the log-prob passes share each prompt (`applies`), and whether TRL's micro-batches can hold whole
+    prompt groups (`whole_groups`: then its shuffle permutes groups, so each prompt is computed once per step)."""
+
+    applies: bool
+    whole_groups: bool
+
+
+def shared_prompt_setting(cfg, model: torch.nn.Module, args) -> SharedPromptSetting:
+    """`cfg.shared_prompt` where it is exact for `model` (else off, saying why once) and with TRL's batching `args`."""
+    if not cfg.shared_prompt or not cfg.chunked_logprobs:
+        return SharedPromptSetting(False, False)
+    if reason := shared_prompt_unsupported(model):
+        warnings.warn(f"shared_prompt: off for this model ({reason}); each row carries its own prompt", stacklevel=3)
+        return SharedPromptSetting(False, False)
+    per_process = args.per_device_train_batch_size * args.steps_per_generation
+    group = args.num_generations
+    return SharedPromptSetting(True, args.per_device_train_batch_size % group == 0 and per_process % group == 0)

@@ -24,12 +24,12 @@ import yaml
 from trl import GRPOConfig, TrlParser
 
 from nanopost_trl import faults, memory
+from nanopost_trl.chat_templates import chat_template_text
 from nanopost_trl.checkpoints import DiskError
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.launch import micro_batches
 from nanopost_trl.losses import Loss, loss_class
 from nanopost_trl.models import check_hub_model, check_model
-from nanopost_trl.multiturn import chat_template_text
 from nanopost_trl.presets import Preset
 from nanopost_trl.run_paths import run_to_resume
 from nanopost_trl.tasks import get_task_loader, task_names, task_source

@@ -22,9 +22,10 @@ from datasets import Dataset
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from nanopost_trl import base, checkpoints, faults, hub, learner, memory, multiturn, trl_bridge
+from nanopost_trl import base, chat_templates, checkpoints, faults, hub, memory, tools, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig
+from nanopost_trl.launch import check_vllm_server
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import (
     check_chat_template,
@@ -95,11 +96,9 @@ class Trainer:
         check_before_loading(cfg, state.is_main_process)
         model, tokenizer = load_model_and_tokenizer(cfg)
         check_chat_template(tokenizer, [*train_instances, *eval_instances], cfg.model)
-        tools, environment_factory = multiturn.run_tools(train_instances)
-        if cfg.chat_template is not None:
-            multiturn.use_chat_template(tokenizer, cfg.chat_template, cfg.model)
-        if any(instance.uses_tools for instance in [*train_instances, *eval_instances]):
-            multiturn.check_tool_template(tokenizer, cfg.model)
+        train_tools, environment_factory = tools.run_tools(train_instances)
+        uses_tools = any(instance.uses_tools for instance in [*train_instances, *eval_instances])
+        chat_templates.set_up_chat_template(tokenizer, cfg.chat_template, cfg.model, uses_tools)
         # trainer
         trainer = NanopostGRPOTrainer(
             model=model,
@@ -112,7 +111,7 @@ class Trainer:
             train_dataset=build_dataset(train_instances),
             processing_class=tokenizer,
             peft_config=lora_config(cfg),
-            tools=tools,
+            tools=train_tools,
             environment_factory=environment_factory,
             loss_fn=loss_fn,
             instances=train_instances,
@@ -165,7 +164,7 @@ def check_before_loading(cfg: TrainConfig, main: bool) -> None:
     server that does not answer (checked by the main process, which TRL's client runs on)."""
     check_model(cfg.model, cfg.gguf_file)
     if cfg.use_vllm and cfg.vllm_mode == "server" and main:
-        learner.check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
+        check_vllm_server(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_base_url)
 
 
 def preempted(

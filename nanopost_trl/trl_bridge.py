@@ -1,6 +1,6 @@
 """The one module that names TRL's private internals: a TRL upgrade that moves one of them touches this file only.
 
-What the adapter relies on, each checked before training (`check_trl`, `check_trainer`) or on first use:
+What the adapter relies on, each checked before training (`check_trl`, `GRPOView`) or on first use:
 - `HOOKS`: the private `GRPOTrainer` methods the adapter (`nanopost_trl.adapter`) overrides, with the arguments it
   calls them with. A rename, or a changed signature, stops the run at start-up instead of bypassing the LossFn.
 - `PRIVATE_NAMES`: TRL module attributes read here (the fused LM head's switches and kernel) and the trainer's
@@ -65,17 +65,17 @@ PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     "trl.kernels.chunked_logprob": ("_use_triton",),
     "trl.trainer.grpo_trainer": ("shuffle_sequence_dict",),
 }
-TRAINER_STATE = ("_metrics", "_last_world_entropy")  # GRPOTrainer instance attributes read or written here
-# The public GRPOTrainer / transformers.Trainer instance attributes the adapter and its features read, each checked
-# after `GRPOTrainer.__init__` (`check_trainer`); TRAINING_LOOP_ATTRIBUTES exist only once the training loop runs.
+TRAINER_STATE = ("_metrics", "_last_world_entropy", "entropy_coef")  # GRPOTrainer attributes read or written here
+# transformers.Trainer's instance attributes the adapter and its features read, checked after `GRPOTrainer.__init__`
+# (`GRPOView`); TRAINING_LOOP_ATTRIBUTES exist only once the training loop runs. GRPOTrainer's own attributes are
+# read through the trainer's `grpo` view only (`GRPOView`).
 TRAINER_ATTRIBUTES = (
-    "accelerator", "args", "aux_loss_enabled", "eos_token_ids", "is_deepspeed_enabled", "is_fsdp_enabled",
-    "max_completion_length", "model", "model_wrapped", "num_generations", "num_generations_eval", "pad_to_multiple_of",
-    "processing_class", "ref_model", "reward_func_names", "reward_funcs", "reward_weights", "router_aux_loss_coef",
-    "state", "temperature", "tools", "train_dataset", "use_vllm", "entropy_coef",
+    "accelerator", "args", "is_deepspeed_enabled", "is_fsdp_enabled", "model", "model_wrapped", "processing_class",
+    "state", "train_dataset",
 )  # fmt: skip
 TRAINING_LOOP_ATTRIBUTES = ("current_gradient_accumulation_steps",)
 TRANSFORMERS_PATH_ATTRIBUTES = ("generation_config", "generation_kwargs")  # TRL makes them without vLLM only
+
 
 # --- GRPOConfig's own fields (those it adds to transformers' TrainingArguments, which transformers' Trainer honours
 # unchanged), each honoured by TRL as is or mapped onto the built-in loss; `grpo_field_kinds` is the table.
@@ -290,13 +290,44 @@ def with_reference(args: trl.GRPOConfig, uses_reference: bool) -> trl.GRPOConfig
     return gated
 
 
-def check_trainer(trainer: trl.GRPOTrainer) -> None:
-    """After `GRPOTrainer.__init__`: the instance state read here, and every trainer attribute the adapter reads,
-    exist."""
-    sampling = () if trainer.use_vllm else TRANSFORMERS_PATH_ATTRIBUTES
-    for name in (*TRAINER_STATE, *TRAINER_ATTRIBUTES, *sampling):
-        if not hasattr(trainer, name):
-            raise UnsupportedTRL(f"GRPOTrainer instances have no {name}, which the adapter relies on; " + supported())
+class GRPOView:
+    """The GRPOTrainer attributes the adapter and its features read (`trainer.grpo.eos_token_ids`), live from the
+    trainer. Built after `GRPOTrainer.__init__`: each listed attribute (below; without vLLM also
+    `TRANSFORMERS_PATH_ATTRIBUTES`), `TRAINER_ATTRIBUTES` and `TRAINER_STATE` must exist, so a TRL that renames one
+    stops at start-up; a name not listed here is refused on read."""
+
+    aux_loss_enabled: bool
+    eos_token_ids: list[int]
+    generation_config: Any  # transformers.GenerationConfig of TRL's transformers path
+    generation_kwargs: dict[str, Any]
+    max_completion_length: int
+    num_generations: int
+    num_generations_eval: int
+    pad_to_multiple_of: int | None
+    ref_model: torch.nn.Module | None
+    reward_func_names: list[str]
+    reward_funcs: list[Any]
+    reward_weights: torch.Tensor
+    router_aux_loss_coef: float
+    temperature: float
+    tools: list[Any]
+    use_vllm: bool
+
+    def __init__(self, trainer: trl.GRPOTrainer) -> None:
+        names = tuple(name for name in GRPOView.__annotations__ if name not in TRANSFORMERS_PATH_ATTRIBUTES)
+        if not getattr(trainer, "use_vllm", False):
+            names += TRANSFORMERS_PATH_ATTRIBUTES
+        for name in (*TRAINER_STATE, *TRAINER_ATTRIBUTES, *names):
+            if not hasattr(trainer, name):
+                raise UnsupportedTRL(
+                    f"GRPOTrainer instances have no {name}, which the adapter relies on; {supported()}"
+                )
+        self._trainer, self._names = trainer, frozenset(names)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._names:
+            raise AttributeError(f"{name} is not a GRPOTrainer attribute the bridge reads (trl_bridge.GRPOView)")
+        return getattr(self._trainer, name)
 
 
 # --- the metrics store

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from nanopost_trl import base, learner, trl_bridge
+from nanopost_trl import base, shared_prompt, trl_bridge
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import TrainConfig
 from nanopost_trl.losses import DGLoss, GRPOLoss, KondoLoss
@@ -365,7 +365,7 @@ def test_shared_prompt_path_equals_the_unshared_one_through_the_adapter(tiny_tra
     )
     results = {}
     for shared in (True, False):
-        trainer.shared_prompt = learner.SharedPromptSetting(shared, shared)
+        trainer.shared_prompt = shared_prompt.SharedPromptSetting(shared, shared)
         rows_per_forward.clear()
         input_ids, attention_mask, completion = trl_bridge.model_inputs(inputs)
         with torch.no_grad():
@@ -389,7 +389,7 @@ def test_micro_batches_hold_whole_prompt_groups(tiny_trainer):
     (TINY_SMOKE: 2 prompts x 4 completions, micro-batches of 4) holds one prompt's 4 completions."""
     trainer = tiny_trainer()
     trainer.args.per_device_train_batch_size, trainer.args.steps_per_generation = 4, 2
-    trainer.shared_prompt = learner.shared_prompt_setting(trainer.cfg, trainer.model, trainer.args)
+    trainer.shared_prompt = shared_prompt.shared_prompt_setting(trainer.cfg, trainer.model, trainer.args)
     assert trainer.shared_prompt.whole_groups
     trainer.model.train()
     torch.manual_seed(0)

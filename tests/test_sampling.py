@@ -11,7 +11,7 @@ from conftest import random_qwen2
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.utils import pad
 
-from nanopost_trl import multiturn
+from nanopost_trl import chat_templates
 from nanopost_trl.adapter import NanopostGRPOTrainer
 from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
@@ -236,8 +236,7 @@ def test_smollm2_greedy_tokens_equal_trls_in_a_tool_episode(tmp_path):
             prompts_per_step=2, responses_per_prompt=2, micro_batch_size=4,
         )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        multiturn.use_chat_template(tokenizer, cfg.chat_template, path)
-        multiturn.check_tool_template(tokenizer, path)
+        chat_templates.set_up_chat_template(tokenizer, cfg.chat_template, path, uses_tools=True)
         args = to_grpo_config(cfg, num_processes=1, reward_weights=[1.0])
         args.generation_kwargs = {"do_sample": False}
         return NanopostGRPOTrainer(

@@ -14,7 +14,7 @@ import torch
 from helpers import accelerate_launch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from nanopost_trl import base, multiturn
+from nanopost_trl import base, chat_templates, tools
 from nanopost_trl.config import Preset
 from nanopost_trl.evaluation import held_out_accuracy, held_out_scores
 from nanopost_trl.losses import GRPOLoss
@@ -43,7 +43,7 @@ def calculator(expression: str) -> str:
 
 def smollm_tokenizer():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"), padding_side="left")
-    multiturn.use_chat_template(tokenizer, "qwen2_5", "smollm2-135m-instruct")
+    chat_templates.use_chat_template(tokenizer, "qwen2_5", "smollm2-135m-instruct")
     return tokenizer
 
 
@@ -263,14 +263,14 @@ def test_a_template_without_tool_syntax_names_the_model_and_the_fix(tmp_path):
 
 def test_training_tasks_with_different_tools_are_refused():
     with pytest.raises(ValueError, match="2 different sets of tools"):
-        multiturn.run_tools(tool_instances(calculator) + resolve_tasks("arithmetic", "train")[:2])
+        tools.run_tools(tool_instances(calculator) + resolve_tasks("arithmetic", "train")[:2])
 
 
 def test_guarded_tool_keeps_its_schema_and_counts_failures():
     from transformers.utils import get_json_schema
 
     counts = collections.Counter()
-    tool = multiturn.guarded(calculator, counts, timeout_s=1.0)
+    tool = tools.guarded(calculator, counts, timeout_s=1.0)
     assert get_json_schema(tool) == get_json_schema(calculator) and tool(expression="7 * 43") == "301"
     with pytest.raises(ValueError, match="two numbers"):
         tool(expression="__import__('os')")
@@ -281,10 +281,10 @@ def test_guarded_tool_keeps_its_schema_and_counts_failures():
 
 def test_malformed_calls_are_counted():
     tokenizer = smollm_tokenizer()
-    multiturn.check_tool_template(tokenizer, "smollm2")
+    chat_templates.check_tool_template(tokenizer, "smollm2")
     episodes = [[{"role": "assistant", "content": '<tool_call>\n{"name": "calculator"</tool_call>'}],
                 [{"role": "assistant", "content": "301"}]]  # fmt: skip
-    stats = multiturn.episode_stats(episodes, multiturn.tool_call_marker(tokenizer))
+    stats = tools.episode_stats(episodes, chat_templates.tool_call_marker(tokenizer))
     assert stats == {"tool_turns_mean": 1.0, "tool_calls_mean": 0.0, "tool_calls_malformed_mean": 0.5}
 
 

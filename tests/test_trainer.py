@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from examples.simple_pg import SimplePG
-from nanopost_trl import analysis, base, checkpoints, learner
+from nanopost_trl import analysis, base, checkpoints
 from nanopost_trl.config import Preset
 from nanopost_trl.losses import GRPOLoss, Loss
+from nanopost_trl.refill import GroupRefill
 from nanopost_trl.trainer import Trainer, resume_checkpoint
 from nanopost_trl.utils import read_rows
 
@@ -262,7 +263,7 @@ def test_dropped_groups_train_nothing_and_refills_keep_the_step_full(tmp_path, r
 
 
 def test_group_refill_selects_each_process_share_kept_groups_first():
-    refill = learner.GroupRefill(group_size=2, rows_per_process=4, num_processes=2)
+    refill = GroupRefill(group_size=2, rows_per_process=4, num_processes=2)
     first = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # process 0 keeps 1 group, process 1 none
     assert refill.short([first])
     second = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0], dtype=torch.bool)

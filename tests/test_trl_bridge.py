@@ -176,41 +176,67 @@ def test_liger_passes_through_with_the_fused_linear_cross_entropy_kept_off(tiny_
     assert trainer.args.use_liger_kernel and trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
 
 
-def trainer_attributes_read(path: Path, owner: str) -> set[str]:
-    """The attributes `owner.<name>` (`self` in the adapter class, `trainer` elsewhere) read in `path` that the
-    adapter does not define itself."""
+def attributes_read(tree, owner: str, through: str | None = None) -> set[str]:
+    """The attributes `owner.<name>` (with `through`: `owner.<through>.<name>`) read in `tree`."""
     import ast
+
+    def is_owner(node) -> bool:
+        if through is not None:
+            if not (isinstance(node, ast.Attribute) and node.attr == through):
+                return False
+            node = node.value
+        return isinstance(node, ast.Name) and node.id == owner
+
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and is_owner(node.value)
+    }
+
+
+def test_every_trainer_attribute_read_outside_the_bridge_is_listed_and_checked_at_start():
+    """Not only TRL's underscore names: in every module but the bridge, a trainer attribute read by the adapter
+    (`self.X`) or by a feature (`trainer.X`) is the adapter's own, transformers.Trainer's public API, or in the
+    bridge's checked lists; GRPOTrainer's own attributes are read through the checked view only (`.grpo.X`), so a TRL
+    that renames one stops at start-up."""
+    import ast
+
+    import transformers
 
     from nanopost_trl.adapter import NanopostGRPOTrainer
 
-    ours = set(vars(NanopostGRPOTrainer))  # its methods and properties
-    tree = ast.parse(path.read_text())
+    package = ROOT / "nanopost_trl"
+    adapter_tree = ast.parse((package / "adapter.py").read_text())
     assigned = {
         node.attr
-        for node in ast.walk(tree)
+        for node in ast.walk(adapter_tree)
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-        and isinstance(node.value, ast.Name) and node.value.id == owner
+        and isinstance(node.value, ast.Name) and node.value.id == "self"
     }  # fmt: skip
-    read = {
-        node.attr
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
-        and isinstance(node.value, ast.Name) and node.value.id == owner
-    }  # fmt: skip
-    return read - assigned - ours
+    ours = set(vars(NanopostGRPOTrainer)) | assigned
+    transformers_api = {name for name in dir(transformers.Trainer) if not name.startswith("_")}
+    lists = (trl_bridge.TRAINER_ATTRIBUTES, trl_bridge.TRAINING_LOOP_ATTRIBUTES)
+    allowed = ours | transformers_api | {name for names in lists for name in names}
+    view = set(trl_bridge.GRPOView.__annotations__)
+    checked = 0
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "trl_bridge.py":
+            continue
+        tree = ast.parse(path.read_text())
+        owner = "self" if path.name == "adapter.py" else "trainer"
+        direct = attributes_read(tree, owner)
+        assert direct <= allowed, (path.name, sorted(direct - allowed))
+        through_view = attributes_read(tree, owner, through="grpo")
+        assert through_view <= view, (path.name, sorted(through_view - view))
+        checked += len(direct) + len(through_view)
+    assert checked > 30  # the walk found the adapter's reads
 
 
-def test_every_trainer_attribute_the_adapter_reads_is_listed_and_checked_at_start():
-    """Not only TRL's underscore names: every GRPOTrainer attribute read by the adapter (`self.X`) or by its features
-    (`trainer.X`) is in the bridge's checked lists, so a TRL that renames one stops at start-up."""
-    lists = ("TRAINER_ATTRIBUTES", "TRAINING_LOOP_ATTRIBUTES", "TRANSFORMERS_PATH_ATTRIBUTES", "TRAINER_STATE")
-    listed = {name for names in lists for name in getattr(trl_bridge, names)}
-    package = ROOT / "nanopost_trl"
-    read = trainer_attributes_read(package / "adapter.py", "self")
-    for module in ("learner.py", "sampling.py", "checkpoints.py", "run_log.py", "evaluation.py", "faults.py"):
-        read |= trainer_attributes_read(package / module, "trainer")
-    ours = {"cfg", "loss_fn", "instances", "shared_prompt", "sampler", "tokenizer", "completions_log"}
-    assert read - ours <= listed, sorted(read - ours - listed)
+def test_the_view_refuses_a_name_it_does_not_list(tiny_trainer):
+    trainer = tiny_trainer()
+    assert trainer.grpo.num_generations == trainer.num_generations
+    with pytest.raises(AttributeError, match="beta is not a GRPOTrainer attribute the bridge reads"):
+        _ = trainer.grpo.beta
 
 
 def test_a_trl_that_drops_a_read_attribute_stops_at_start(tiny_trainer, monkeypatch):

@@ -22,7 +22,7 @@ import trl.generation.vllm_generation as trl_vllm
 from helpers import free_port
 from trl import GRPOTrainer
 
-from nanopost_trl import base, learner
+from nanopost_trl import base, launch
 from nanopost_trl.losses import GRPOLoss
 
 COMPLETIONS = ["12", "345", "6", "7890"]  # one group's 4 completions: different lengths, so non-zero advantages
@@ -210,13 +210,13 @@ def test_server_mode_without_a_server_fails_at_start_naming_its_address(tiny_tra
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"no vLLM server at 127.0.0.1:{port} "):
         tiny_trainer(cfg_overrides=dict(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", **where))
-    assert time.monotonic() - start < learner.VLLM_CONNECT_TIMEOUT_S  # refused at once, before TRL's retry loop
+    assert time.monotonic() - start < launch.VLLM_CONNECT_TIMEOUT_S  # refused at once, before TRL's retry loop
 
 
 def test_a_port_that_does_not_answer_fails_within_the_connect_timeout(monkeypatch):
     """A listening socket whose accept queue is full drops new connection requests unanswered, as an unroutable host
     does: the check gives up after its connect timeout (TRL's health check has none)."""
-    monkeypatch.setattr(learner, "VLLM_CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(launch, "VLLM_CONNECT_TIMEOUT_S", 0.5)
     with socket.create_server(("127.0.0.1", 0), backlog=0) as server, contextlib.ExitStack() as clients:
         port = server.getsockname()[1]
         for _ in range(3):  # fill the queue, never accepted
@@ -225,5 +225,5 @@ def test_a_port_that_does_not_answer_fails_within_the_connect_timeout(monkeypatc
             client.connect_ex(("127.0.0.1", port))
         start = time.monotonic()
         with pytest.raises(ConnectionError, match=f"no vLLM server at 127.0.0.1:{port} \\(timed out\\)"):
-            learner.check_vllm_server("127.0.0.1", port)
+            launch.check_vllm_server("127.0.0.1", port)
         assert time.monotonic() - start < 2.0

@@ -1,14 +1,13 @@
-"""Tool tasks: multi-turn episodes, run in training by TRL's own tool loop (GRPOTrainer's `tools`,
-`environment_factory`, `max_tool_calling_iterations`), and the same loop, greedy, in the held-out evaluation.
+"""Tools: the tool calls of multi-turn episodes, run by TRL's own tool loop (GRPOTrainer's `tools`,
+`environment_factory`, `max_tool_calling_iterations`) in training and in the held-out evaluation, each call guarded.
 
 - `run_tools(instances)`: the one set of tools / environment factory a run hands TRL.
 - `guarded(tool, counts, timeout_s)` / `guarded_environments(factory, ...)`: a tool (or an environment's tool method)
   whose exception or time-out becomes the tool's result, so the episode goes on and is scored. TRL's
   loop turns the raised error into the tool message `{'error': '...'}` and counts it in `tools/failure_frequency`;
   `counts` tells the kinds apart ("errors", "timeouts"); a result that is not a str is rendered by TRL, as TRL does.
-  Async tools stay async (TRL awaits them, under `asyncio.wait_for`). The time limit is `rewards.call_with_timeout`'s.
-- `use_chat_template` / `check_tool_template`: a chat template that renders tools and tool results, and a parser TRL
-  knows for the model's tool calls (`trl.chat_template_utils.add_response_schema`), else a clear error.
+  Async tools stay async (TRL awaits them, under `asyncio.wait_for`). The time limit is `timeouts.call_with_timeout`'s.
+- `dropped_tool_results`, `episode_stats`: what a step's episodes did with their tools (logged).
 
 Safety: a tool runs in this process with the arguments the model wrote. Treat them as untrusted input: parse them,
 never `eval` or `exec` them, and never hand them to a shell (the built-in `calculator` parses two numbers and one
@@ -21,13 +20,11 @@ import asyncio
 import collections
 import functools
 import inspect
-import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from nanopost_trl.base import TaskInstance
-from nanopost_trl.rewards import GraderTimeout, call_with_timeout
+from nanopost_trl.timeouts import GraderTimeout, call_with_timeout
 
 DEFAULT_TOOL_TIMEOUT_S = 10.0
 NOT_TOOLS = ("reset", "get_reward")  # an environment's public methods that TRL does not offer the model
@@ -154,68 +151,6 @@ def tool_methods(cls: type) -> list[tuple[str, Callable]]:
 def environment_tools(environment: Any) -> list[Callable]:
     """An environment instance's bound tool methods."""
     return [getattr(environment, name) for name, _ in tool_methods(type(environment))]
-
-
-# --- chat templates that render tools and parse tool calls
-def trl_chat_templates() -> dict[str, Path]:
-    """The chat templates TRL ships (name -> .jinja file), without their `_training` variants."""
-    import trl
-
-    files = (Path(trl.__file__).parent / "chat_templates").glob("*.jinja")
-    return {path.stem: path for path in sorted(files) if not path.stem.endswith("_training")}
-
-
-def chat_template_text(template: str) -> str:
-    """The text of a TRL-shipped chat template (by name) or of a .jinja file; an unknown one raises ValueError."""
-    shipped = trl_chat_templates()
-    if template in shipped:
-        return shipped[template].read_text()
-    if template.endswith(".jinja") and Path(template).expanduser().is_file():
-        return Path(template).expanduser().read_text()
-    raise ValueError(f"unknown chat template {template!r}: a .jinja file, or one of TRL's: {', '.join(shipped)}")
-
-
-def use_chat_template(tokenizer: Any, template: str, model: str) -> None:
-    """Give `tokenizer` the chat template `template`: a TRL-shipped name ('qwen2_5': ChatML with `<tool_call>` tags,
-    for ChatML models such as SmolLM2) or a .jinja file. Its `<|...|>` markers must be tokens of the model's own
-    vocabulary, i.e. the template must be of the model's chat format."""
-    text = chat_template_text(template)
-    vocabulary = tokenizer.get_vocab()
-    missing = sorted(set(re.findall(r"<\|[A-Za-z_]+\|>", text)) - vocabulary.keys())
-    if missing:
-        raise ValueError(
-            f"chat template {template!r} uses {', '.join(missing)}, which are not tokens of {model!r}: use a template "
-            "of the model's own chat format"
-        )
-    tokenizer.chat_template = text
-
-
-def check_tool_template(tokenizer: Any, model: str) -> None:
-    """A tool task needs a template that renders tool calls and results, and a parser for the model's tool calls
-    (set here, as TRL would, by `add_response_schema`): fail before training, naming the model and the fix."""
-    from trl.chat_template_utils import add_response_schema, supports_tool_calling
-
-    fix = (
-        "set TrainConfig.chat_template (--chat_template) to a tool-capable template of the model's chat format, e.g. "
-        "'qwen2_5' for a ChatML model such as SmolLM2-135M-Instruct (TRL's Qwen2.5 template: JSON tool calls in "
-        "<tool_call> tags)"
-    )
-    if not supports_tool_calling(tokenizer):
-        raise ValueError(f"the chat template of {model!r} cannot render tool calls and tool results: {fix}")
-    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
-        try:
-            add_response_schema(tokenizer)
-        except ValueError:
-            raise ValueError(
-                f"TRL has no parser for the tool calls of {model!r}'s chat template (it knows the templates it ships): "
-                f"{fix}, or set tokenizer.response_template"
-            ) from None
-
-
-def tool_call_marker(tokenizer: Any) -> str | None:
-    """The text that opens a tool call in the tokenizer's response parser ('<tool_call>'), if it names one."""
-    template = getattr(tokenizer, "response_template", None) or {}
-    return template.get("fields", {}).get("tool_calls", {}).get("open")
 
 
 def episode_stats(episodes: Sequence[Sequence[dict[str, Any]]], marker: str | None) -> dict[str, float]:
