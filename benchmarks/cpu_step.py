@@ -5,9 +5,11 @@ Precisions: `fp32`; `bf16` (the `bf16=True` default: fp32 master weights, bf16 a
 (accelerate's mixed-precision setting is per process), with a trainer on SMOLLM_CPU's shape (16 prompts x 8
 completions of the `arithmetic` task, 12 new tokens, micro-batches of 32), and, round after round in alternating
 order:
-- `generation`: `_generate_and_score_completions` on the same prompts and seed (sampling, rewards, advantages);
-- `adapter`: nanopost_trl's learning phase, `NanopostGRPOTrainer._compute_loss` + backward per micro-batch (GRPO),
-  each prompt through the model once (`shared_prompt=True`, the default);
+- `generation`: TRL's generation phase (`trl_bridge.generate_and_score`) on the same prompts and seed (sampling,
+  rewards, advantages);
+- `adapter`: nanopost_trl's learning phase, `NanopostGRPOTrainer.compute_loss` (TRL's, calling the adapter's
+  `_compute_loss`) + backward per micro-batch (GRPO), each prompt through the model once (`shared_prompt=True`, the
+  default);
 - `unshared`: the same with `shared_prompt=False` (each completion carries its own copy of the prompt);
 - `trl`: plain `GRPOTrainer(loss_type="grpo")`'s `compute_loss` + backward on the same micro-batches (its fused LM
   head scores every position, prompt included, off CUDA);
@@ -40,6 +42,7 @@ from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.shared_prompt import SharedPromptSetting
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
+from nanopost_trl.trl_bridge import generate_and_score
 
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "bf16_weights": {"bf16": True, "bf16_weights": True}}
 
@@ -96,13 +99,13 @@ def main() -> None:
     torch.manual_seed(0)
     ours, cfg = trainers["fp32"] if "fp32" in trainers else next(iter(trainers.values()))
     micro_batches = split_tensor_dict(
-        ours._generate_and_score_completions(prompts(ours, cfg)), ours.args.gradient_accumulation_steps
+        generate_and_score(ours, prompts(ours, cfg)), ours.args.gradient_accumulation_steps
     )
 
     def generation(precision: str) -> None:
         trainer, cfg = trainers[precision]
         torch.manual_seed(0)
-        trainer._generate_and_score_completions(prompts(trainer, cfg))
+        generate_and_score(trainer, prompts(trainer, cfg))
 
     def learning(kind: str, precision: str) -> None:
         trainer, trl_trainer = trainers[precision][0], trl_trainers[precision]
@@ -111,7 +114,7 @@ def main() -> None:
         with trainer.accelerator.autocast():  # what TRL's training step wraps the learner in (bf16: autocast)
             for micro_batch in micro_batches:
                 if kind in ("adapter", "unshared"):
-                    trainer._compute_loss(trainer.model, micro_batch).backward()
+                    trainer.compute_loss(trainer.model, micro_batch).backward()
                 elif kind == "trl":
                     trl_trainer.compute_loss(trl_trainer.model, micro_batch).backward()
                 else:

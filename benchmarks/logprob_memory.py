@@ -1,7 +1,7 @@
 """Chunked log-probs on a 152k vocabulary: the logits term and the learning step's time, side by side in one run.
 
 Qwen2.5-0.5B's shape (hidden 896, vocabulary 151936; from the planner's known config, random weights, nothing
-downloaded) through the adapter's own learning step (`NanopostGRPOTrainer._compute_loss` + backward, GRPO), on
+downloaded) through the adapter's own learning step (`NanopostGRPOTrainer.compute_loss` + backward, GRPO), on
 micro-batches of `--prompt_tokens` + 512 completion tokens, in three settings:
 - `full logits`: `chunked_logprobs=False`, the model's own forward materialises `micro x 513 x 151936` logits;
 - `fused, tile 32768`: TRL's fused LM head at TRL's own tile width (what plain TRL does);
@@ -101,7 +101,7 @@ def learning_step(trainer: NanopostGRPOTrainer, inputs: dict, setting: str) -> N
     chunked, vocab_chunk = SETTINGS[setting]
     trainer.cfg.chunked_logprobs, trainer.cfg.logprob_vocab_chunk = chunked, vocab_chunk
     with trainer.accelerator.autocast():  # what TRL's training step wraps the learner in (bf16: autocast)
-        trainer._compute_loss(trainer.model, inputs).backward()
+        trainer.compute_loss(trainer.model, inputs).backward()
     trainer.model.zero_grad(set_to_none=True)
 
 

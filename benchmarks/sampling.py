@@ -40,6 +40,7 @@ from nanopost_trl.models import load_model_and_tokenizer, with_supported_precisi
 from nanopost_trl.rewards import Correctness, RewardAdapter
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
+from nanopost_trl.trl_bridge import generate_and_score
 
 LONG_PROMPT_EXAMPLES = 24  # worked examples in the prompt-heavy system message: about 300 tokens with the question
 
@@ -111,7 +112,7 @@ def generation(trainer: GRPOTrainer, cfg: TrainConfig, round_index: int) -> tupl
     """(seconds, sampled tokens) of one generation phase."""
     torch.manual_seed(round_index)
     start = time.perf_counter()
-    output = trainer._generate_and_score_completions(batch(trainer, cfg, round_index))
+    output = generate_and_score(trainer, batch(trainer, cfg, round_index))
     seconds = time.perf_counter() - start
     own_tokens = output["completion_mask"] * output.get("tool_mask", 1)
     return seconds, int(own_tokens.sum())

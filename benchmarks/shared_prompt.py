@@ -2,8 +2,9 @@
 
 One micro-batch's grad-carrying log-probs and entropies (forward) and the backward of a loss over them, as the
 learner runs them: TRL's fused LM head in the adapter's CPU tiles (`fused_head_tiles`), fp32, under the accelerator's
-autocast. Unshared: TRL's `GRPOTrainer._get_per_token_logps_and_entropies` on the rows as they are. Shared: the same
-rows packed by prompt. Both interleaved in one run, the median of `--rounds` rounds, on two shapes:
+autocast. Unshared: TRL's `GRPOTrainer._get_per_token_logps_and_entropies` (`trl_bridge.trl_logprobs`) on the rows
+as they are. Shared: the same rows packed by prompt. Both interleaved in one run, the median of `--rounds` rounds,
+on two shapes:
 - `smollm`: SmolLM2-135M-Instruct (its shipped GGUF, converted once and cached), SMOLLM_CPU's micro-batch of
   4 prompts x 8 completions, a 46-token prompt (its chat template with the system prompt) and 12-token completions;
 - `prompt-heavy`: SmolLM2's config with random weights, 1 prompt x 8 completions, a 300-token prompt (a GSM8K-style
@@ -23,13 +24,12 @@ import types
 import torch
 from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForCausalLM
-from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from nanopost_trl.config import Preset
 from nanopost_trl.models import resolve_model_path
 from nanopost_trl.shared_prompt import shared_prompt_logprobs, shared_prompt_unsupported
-from nanopost_trl.trl_bridge import fused_head_tiles
+from nanopost_trl.trl_bridge import fused_head_tiles, trl_logprobs
 
 SMOLLM = "smollm2-135m-instruct"
 CPU_TILES = Preset.SMOLLM_CPU.make()  # its fused-head tile width on CPU
@@ -78,7 +78,7 @@ def logprobs(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], shared: bo
     with fused_head_tiles(CPU_TILES.vocab_chunk(triton=False)), trl_self.accelerator.autocast():
         if shared:
             return shared_prompt_logprobs(model, *batch, compute_entropy=True)[0]
-        return GRPOTrainer._get_per_token_logps_and_entropies(
+        return trl_logprobs(
             trl_self,
             model,
             torch.cat([prompt_ids, completion_ids], dim=1),

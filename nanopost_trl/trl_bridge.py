@@ -25,6 +25,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -370,6 +371,25 @@ def log_metrics(trainer: trl.GRPOTrainer, values: dict[str, float], reduction: R
     totals = accelerator.reduce(totals, reduction="sum").tolist()
     for name, (total, count) in zip(names, totals, strict=True):
         store[name].append(total / count if reduction == "mean" else total)
+
+
+# --- files TRL ships
+def shipped_chat_templates() -> dict[str, Path]:
+    """The chat templates TRL ships (name -> .jinja file in TRL's package), without their `_training` variants."""
+    files = (Path(trl.__file__).parent / "chat_templates").glob("*.jinja")
+    return {path.stem: path for path in sorted(files) if not path.stem.endswith("_training")}
+
+
+# --- the phases of a step, for the benchmarks that time them apart
+def generate_and_score(trainer: trl.GRPOTrainer, rows: list[dict]) -> dict[str, Any]:
+    """One generation phase on dataset `rows` (sampling, the tool loop, rewards, advantages), as TRL's training loop
+    runs it: `_generate_and_score_completions`."""
+    return trainer._generate_and_score_completions(rows)
+
+
+def trl_logprobs(trainer: trl.GRPOTrainer, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """TRL's own `_get_per_token_logps_and_entropies` on `trainer`, past any override of it (the adapter's)."""
+    return trl.GRPOTrainer._get_per_token_logps_and_entropies(trainer, *args, **kwargs)
 
 
 # --- the learner's view of TRL's generation output
