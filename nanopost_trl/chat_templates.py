@@ -67,6 +67,14 @@ def set_up_chat_template(tokenizer: Any, template: str | None, model: str, uses_
         check_tool_template(tokenizer, model)
 
 
+def tool_loop_template(tokenizer: Any) -> str | None:
+    """The chat template TRL's tool loop renders with, as GRPOTrainer picks it: None (the tokenizer's own) where that
+    one is prefix-preserving, else TRL's training version of it (ValueError where TRL has none, as GRPOTrainer)."""
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
+
+    return None if is_chat_template_prefix_preserving(tokenizer) else get_training_chat_template(tokenizer)
+
+
 def tool_call_marker(tokenizer: Any) -> str | None:
     """The text that opens a tool call in the tokenizer's response parser ('<tool_call>'), if it names one."""
     template = getattr(tokenizer, "response_template", None) or {}

@@ -9,10 +9,14 @@ rate (the share of episodes with at least one call the parser read).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import copy
+import dataclasses
+import inspect
 import math
 from collections import defaultdict
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import torch
@@ -25,13 +29,39 @@ from nanopost_trl.rewards import safe_grade
 from nanopost_trl.utils import text_of
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: chat messages through the chat template (with the generation prompt), text as is."""
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat_template_kwargs: dict[str, Any] | None = None
+) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template (with the generation prompt and
+    `chat_template_kwargs`), text as is."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
+    return ChatRendering(kwargs=chat_template_kwargs or {}).ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that left-pads prompts: the tokenizer's padding token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def eval_generation_config(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, samples: int, temperature: float
+) -> GenerationConfig:
+    """The eval's decoding: greedy (`samples=1`), else `samples` completions a prompt sampled at `temperature`."""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=samples)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=padding_id(tokenizer),
+        eos_token_id=stop_token_ids(model, tokenizer),
+        **(sampling if samples > 1 else dict(do_sample=False)),
+    )
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion, as GRPOTrainer takes them: the tokenizer's EOS and the model's."""
+    model_ids = model.generation_config.eos_token_id
+    ids = [] if model_ids is None else [model_ids] if isinstance(model_ids, int) else list(model_ids)
+    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
 
 
 def held_out_accuracy(*args: Any, **kwargs: Any) -> dict[str, float]:
@@ -52,21 +82,16 @@ def held_out_scores(
     max_tool_calling_iterations: int = 4,
     tool_timeout_s: float = tools.DEFAULT_TOOL_TIMEOUT_S,
     progress: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per task name, under "accuracy": the mean eval_fn score of the greedy completion (`samples=1`), or of the best
     of `samples` completions sampled at `temperature` (pass@k for 0/1 graders), drawn from a private RNG seeded by
     `seed` so that training's RNG stream is untouched. A grader that raises or hangs scores 0. model.training is
     restored. Tool tasks: episodes (module docstring), and under "tool_calls" the share of episodes that made a call.
-    `progress`: a progress bar over the instances on a terminal (the run's main process shows one for its shard)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = model.generation_config.eos_token_id
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=samples)
-    generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id if eos_id is not None else tokenizer.eos_token_id,
-        **(sampling if samples > 1 else dict(do_sample=False)),
-    )
+    `progress`: a progress bar over the instances on a terminal (the run's main process shows one for its shard).
+    `chat_template_kwargs`: GRPOConfig's, passed to the chat template as in training."""
+    pad_id = padding_id(tokenizer)
+    generation_config = eval_generation_config(model, tokenizer, max_new_tokens, samples, temperature)
     device = next(model.parameters()).device
     prompts_per_call = max(batch_size // samples, 1)
     scores: dict[str, list[float]] = defaultdict(list)
@@ -84,13 +109,14 @@ def held_out_scores(
                 if any(instance.uses_tools for instance in batch):
                     episodes = tool_episodes(
                         model, tokenizer, batch, generation_config, pad_id, samples, max_tool_calling_iterations,
-                        tool_timeout_s,
+                        tool_timeout_s, chat_template_kwargs,
                     )  # fmt: skip
                     completions = [text_of(episode.replies, role="assistant") for episode in episodes]
                     for episode, instance in zip(episodes, (i for i in batch for _ in range(samples)), strict=True):
                         tool_calls[instance.name].append(episode.called_a_tool)
                 else:
-                    completions = _generate(model, tokenizer, [i.prompt for i in batch], generation_config, pad_id)
+                    prompts = [instance.prompt for instance in batch]
+                    completions = _generate(model, tokenizer, prompts, generation_config, pad_id, chat_template_kwargs)
                 starts = range(0, len(completions), samples)  # generate returns each prompt's `samples` rows together
                 for instance, start in zip(batch, starts, strict=True):
                     graded = [safe_grade(instance.eval_fn, c) for c in completions[start : start + samples]]
@@ -109,9 +135,10 @@ def _generate(
     prompts: list[Prompt],
     generation_config: GenerationConfig,
     pad_id: int,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Decoded completions of left-padded `prompts`, `num_return_sequences` consecutive rows per prompt."""
-    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    ids = [prompt_ids(tokenizer, prompt, chat_template_kwargs) for prompt in prompts]
     return tokenizer.batch_decode(_generate_ids(model, ids, generation_config, pad_id), skip_special_tokens=True)
 
 
@@ -127,23 +154,45 @@ def _generate_ids(
     return output[:, width:]
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatRendering:
+    """How training renders chats: the chat template (None: the tokenizer's own) and GRPOConfig.chat_template_kwargs."""
+
+    template: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def ids(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict[str, Any]],
+        tools: list[Callable] | None = None,
+        add_generation_prompt: bool = False,
+    ) -> list[int]:
+        """The token ids of `messages` (with `tools`' schemas, and the generation prompt if asked)."""
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.template, add_generation_prompt=add_generation_prompt,
+            tokenize=True, return_dict=True, **self.kwargs,
+        )["input_ids"]  # fmt: skip
+
+
 class Episode:
     """One multi-turn episode of the held-out evaluation: its messages, token ids and (guarded) tools."""
 
     def __init__(
-        self, instance: TaskInstance, tokenizer: PreTrainedTokenizerBase, counts: collections.Counter, timeout_s: float
+        self,
+        instance: TaskInstance,
+        tokenizer: PreTrainedTokenizerBase,
+        rendering: ChatRendering,
+        counts: collections.Counter,
+        timeout_s: float,
     ) -> None:
         self.messages: list[dict[str, Any]] = copy.deepcopy(list(instance.prompt))
         self.tools = [tools.guarded(tool, counts, timeout_s) for tool in instance.tools]
         if instance.environment_factory is not None:
             environment = tools.guarded_environments(instance.environment_factory, counts, timeout_s)()
-            observation = environment.reset(prompt=instance.prompt)
-            if isinstance(observation, str):  # appended to the last prompt message, as TRL does
-                self.messages[-1] = {**self.messages[-1], "content": self.messages[-1]["content"] + observation}
+            self.messages = with_observation(self.messages, environment.reset(prompt=instance.prompt))
             self.tools += tools.environment_tools(environment)
-        self.ids: list[int] = tokenizer.apply_chat_template(
-            self.messages, tools=self.tools or None, add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
+        self.ids: list[int] = rendering.ids(tokenizer, self.messages, self.tools or None, add_generation_prompt=True)
         self.prompt_length = len(self.ids)
         self.replies: list[dict[str, Any]] = []  # the episode after the prompt: assistant and tool messages
 
@@ -153,34 +202,79 @@ class Episode:
         return any(reply.get("tool_calls") for reply in self.replies if reply["role"] == "assistant")
 
     def run_tool_calls(self, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The tool messages of `tool_calls`; an unknown tool or a failed call gives `{'error': ...}`, as in TRL."""
-        by_name = {tool.__name__: tool for tool in self.tools}
-        messages = []
+        """The tool messages of `tool_calls`, as TRL's loop makes them: an unknown tool, a failed call or a call that is
+        not a function gives `{'error': ...}`; async tools run together, their results after the others'; a result
+        is kept as is if it is a list (content blocks), else rendered by `str`."""
+        sync_tools = {tool.__name__: tool for tool in self.tools if not inspect.iscoroutinefunction(tool)}
+        async_tools = {tool.__name__: tool for tool in self.tools if inspect.iscoroutinefunction(tool)}
+        results: list[tuple[str, Any]] = []
+        awaiting: list[tuple[str, Coroutine]] = []
         for call in tool_calls:
-            function = call.get("function", {})
-            name = function.get("name", "unknown")
+            if call.get("type") != "function":
+                error = f"Unsupported tool call type: {call.get('type')}"
+                results.append((call.get("name", "unknown"), {"error": error}))
+                continue
+            name = call["function"]["name"]
             try:
-                if call.get("type") != "function" or name not in by_name:
+                if name in sync_tools:
+                    results.append((name, sync_tools[name](**call["function"]["arguments"])))
+                elif name in async_tools:
+                    awaiting.append((name, async_tools[name](**call["function"]["arguments"])))
+                else:
                     raise ValueError(f"Tool {name} not found.")
-                result: Any = by_name[name](**function["arguments"])
             except Exception as error:
-                result = {"error": str(error)}
-            messages.append({"role": "tool", "name": name, "content": str(result)})
-        return messages
+                results.append((name, {"error": str(error)}))
+        if awaiting:
+            outcomes = asyncio.run(_gather([coroutine for _, coroutine in awaiting]))
+            for (name, _), outcome in zip(awaiting, outcomes, strict=True):
+                results.append((name, {"error": str(outcome)} if isinstance(outcome, Exception) else outcome))
+        return [
+            {"role": "tool", "name": name, "content": result if isinstance(result, list) else str(result)}
+            for name, result in results
+        ]
 
 
-def tool_suffix_ids(tokenizer: PreTrainedTokenizerBase, tool_messages: list[dict[str, Any]]) -> list[int]:
+async def _gather(coroutines: list[Coroutine]) -> list[Any]:
+    """The coroutines' results (or exceptions), run together."""
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+
+
+def with_observation(prompt: list[dict[str, Any]], observation: str | list | None) -> list[dict[str, Any]]:
+    """`prompt` with an environment's `reset` observation appended to its last message's content, as TRL does (a str
+    observation to list content as a text block, a list observation to str content after it as one); None: unchanged."""
+    if observation is None:
+        return prompt
+    content = prompt[-1]["content"]
+    if isinstance(observation, list) and isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if isinstance(observation, str) and isinstance(content, list):
+        observation = [{"type": "text", "text": observation}]
+    return [*prompt[:-1], {**prompt[-1], "content": content + observation}]
+
+
+def tool_suffix_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    tool_messages: list[dict[str, Any]],
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
     """The tokens that follow an assistant turn's end-of-sequence to render `tool_messages` and open the next assistant
-    turn, from a minimal conversation, as TRL's tool loop builds them."""
+    turn, as TRL's tool loop builds them: a minimal conversation (a user message, an assistant call of the first
+    result's tool) rendered without and with them, the first cut after its last EOS. A template that renders that
+    cut otherwise once the results follow (not prefix-preserving) raises ValueError, as in TRL."""
+    rendering = ChatRendering(chat_template, chat_template_kwargs or {})
     call = {"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}
-    dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    prefix = tokenizer.apply_chat_template(dummy, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(
-        dummy + tool_messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    ends = [i for i, token in enumerate(prefix) if token == tokenizer.eos_token_id]
-    prefix = prefix[: ends[-1] + 1] if ends else prefix
-    return full[len(prefix) :]
+    conversation = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    before = rendering.ids(tokenizer, conversation)
+    after = rendering.ids(tokenizer, conversation + tool_messages, add_generation_prompt=True)
+    ends = [i for i, token in enumerate(before) if token == tokenizer.eos_token_id]
+    turn = before[: ends[-1] + 1] if ends else before
+    if after[: len(turn)] != turn:
+        raise ValueError(
+            "the chat template renders an assistant turn differently once tool results follow it (not prefix-"
+            "preserving up to its EOS), so the tool results' tokens cannot be appended: TRL's tool loop stops here too"
+        )
+    return after[len(turn) :]
 
 
 def tool_episodes(
@@ -192,20 +286,22 @@ def tool_episodes(
     samples: int,
     max_tool_calling_iterations: int,
     timeout_s: float,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[Episode]:
     """The multi-turn episodes of `instances`, `samples` consecutive ones per instance (module docstring)."""
     from trl.chat_template_utils import parse_response
 
     chat_templates.check_tool_template(tokenizer, model.name_or_path)  # and the tool-call parser, as training sets it
+    rendering = ChatRendering(chat_templates.tool_loop_template(tokenizer), chat_template_kwargs or {})
     budget = generation_config.max_new_tokens
+    context = model.config.get_text_config().max_position_embeddings
     one_each = GenerationConfig(**{**generation_config.to_dict(), "num_return_sequences": 1})
     counts: collections.Counter[str] = collections.Counter()  # eval's tool failures are not training's
-    episodes = [Episode(instance, tokenizer, counts, timeout_s) for instance in instances for _ in range(samples)]
-    eos = set(
-        generation_config.eos_token_id
-        if isinstance(generation_config.eos_token_id, list)
-        else [generation_config.eos_token_id]
-    )
+    episodes = [
+        Episode(instance, tokenizer, rendering, counts, timeout_s) for instance in instances for _ in range(samples)
+    ]
+    eos = generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos])
     active = list(episodes)
     for round_ in range(max_tool_calling_iterations + 1):
         if not active:
@@ -215,17 +311,20 @@ def tool_episodes(
         still_active = []
         for episode, row in zip(active, new_rows, strict=True):
             row = row[: budget - (len(episode.ids) - episode.prompt_length)]
-            end = next((i for i, token in enumerate(row) if token in eos), None)
+            end = next((i for i, token in enumerate(row) if token in stop_ids), None)
             row = row if end is None else row[: end + 1]
+            if not row:
+                continue  # the tool results filled the budget: no reply, as in TRL's loop
             reply = parse_response(tokenizer, row, prefix=episode.ids, tools=episode.tools)
             episode.replies.append(reply)
             episode.ids = episode.ids + row
             if not reply.get("tool_calls") or round_ == max_tool_calling_iterations:
                 continue
             results = episode.run_tool_calls(reply["tool_calls"])
-            suffix = tool_suffix_ids(tokenizer, results)
-            if len(episode.ids) + len(suffix) - episode.prompt_length > budget:
-                continue  # no room for the results: the episode ends here, as in TRL's loop
+            suffix = tool_suffix_ids(tokenizer, results, rendering.template, rendering.kwargs)
+            length = len(episode.ids) + len(suffix)
+            if length - episode.prompt_length > budget or length >= context:
+                continue  # no room for the results (completion budget, model context): it ends here, as in TRL
             episode.replies += results
             episode.ids = episode.ids + suffix
             still_active.append(episode)

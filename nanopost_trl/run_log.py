@@ -184,7 +184,7 @@ class RunLogger(TrainerCallback):
         score = functools.partial(
             held_out_scores, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
             max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
-            progress=self.is_main,
+            progress=self.is_main, chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
         )  # fmt: skip
         greedy = score()
         metrics = self.reduce_over_processes(shard, greedy["accuracy"], "accuracy")
