@@ -1,10 +1,23 @@
 """Held-out evaluation: batched greedy (or best-of-k sampled) decoding through the chat template, scored by eval_fn.
 
-A tool task's instances run multi-turn episodes as TRL's tool loop does in training: the model's tool calls parsed by
-TRL's `parse_response`, executed (guarded, as in training), their results rendered by the chat template and appended
-token by token, up to `max_tool_calling_iterations` rounds within `max_new_tokens` completion tokens (tool results
-included); eval_fn grades the final assistant message, and `held_out_scores` also gives each tool task's tool-call
-rate (the share of episodes with at least one call the parser read).
+A tool task's instances run multi-turn episodes built as TRL's training tool loop (GRPOTrainer's private
+`_tool_call_loop` and `_get_tool_suffix_ids`) builds them, so that the eval scores the episodes training runs; it has
+its own copy because it runs without a trainer (benchmarks/tool_baseline.py) and greedy. As in TRL: the prompt and the
+tool results rendered with the template TRL's loop uses (`chat_templates.tool_loop_template`: the tokenizer's own, or
+TRL's training version where that one is not prefix-preserving) and GRPOConfig's `chat_template_kwargs`; an
+environment's `reset` observation appended to the last prompt message; the model's tool calls parsed by TRL's
+`parse_response` and executed (guarded, as in training; async tools awaited together, their results after the
+others'; an unknown tool, a failed call or a call that is not a function gives `{'error': ...}`); a result kept as is
+if it is a list of content blocks, else `str`-ed; its tokens appended after the assistant turn's EOS (`tool_suffix_ids`,
+which raises where TRL's prefix check does); a round whose results would pass `max_new_tokens` completion tokens or the
+model's `max_position_embeddings` dropped, ending the episode; up to `max_tool_calling_iterations` rounds. eval_fn
+grades the final assistant message; `held_out_scores` also gives each tool task's tool-call rate (the share of
+episodes with at least one call the parser read).
+
+Pinned by tests/test_eval_tool_loop.py against TRL itself, on real components: the suffix ids equal GRPOTrainer's own
+on every chat template TRL ships that renders tool calls (SmolLM2's tokenizer; the same errors where TRL raises), the
+tool messages of one turn's calls equal those TRL's `_tool_call_loop` appends, and SmolLM2-135M-Instruct's greedy
+episodes on the multiplication task (messages, prompt and completion ids) equal TRL's training loop's (slow).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ episodes equal the ones TRL's training tool loop runs on the same prompts."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -102,6 +103,88 @@ def test_tool_suffix_ids_equal_trls_on_every_shipped_tool_template(tmp_path):
             raised |= {(name, str(theirs[1][1]))} if theirs[0] == "raises" else set()
     assert ("gptoss", "not prefix-preserving") in raised  # TRL's prefix check is exercised, and ours agrees
     assert {"qwen3", "glm4moe"} <= patched and compared > 50
+
+
+def content_blocks(text: str) -> list:
+    """Echo `text` as a list of content blocks.
+
+    Args:
+        text: The text.
+    """
+    return [{"type": "text", "text": text}]
+
+
+def lookup(key: str) -> dict:
+    """Look a key up.
+
+    Args:
+        key: The key.
+    """
+    return {"key": key, "value": 1517}
+
+
+def broken(expression: str) -> str:
+    """Fail.
+
+    Args:
+        expression: Anything.
+    """
+    raise ArithmeticError(f"cannot evaluate {expression}")
+
+
+async def add_later(a: int, b: int) -> int:
+    """Add two numbers, asynchronously.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def test_tool_results_are_rendered_as_trls_loop_renders_them(tmp_path):
+    """One assistant turn's calls (an async tool, a list result, a dict result, a str one, an unknown tool, a raising
+    tool, missing arguments, a call that is not a function): the eval's tool messages equal those TRL's
+    `_tool_call_loop` appends to the episode (same names, contents and order: async results last)."""
+    path = resolve_model_path(SMOLLM2)
+    tokenizer = add_response_schema(chat_template_tokenizer(path, "qwen2_5"))
+    toolbox = [add_later, content_blocks, lookup, multiplication.calculator, broken]
+    calls = [
+        {"type": "function", "function": {"name": "add_later", "arguments": {"a": 2, "b": 3}}},
+        {"type": "function", "function": {"name": "content_blocks", "arguments": {"text": "1517"}}},
+        {"type": "function", "function": {"name": "lookup", "arguments": {"key": "37 * 41"}}},
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "37 * 41"}}},
+        {"type": "function", "function": {"name": "clock", "arguments": {}}},
+        {"type": "function", "function": {"name": "broken", "arguments": {"expression": "1 / 0"}}},
+        {"type": "function", "function": {"name": "calculator", "arguments": {}}},
+        {"type": "code", "name": "python", "code": "print(1)"},
+    ]
+    prompt = [{"role": "user", "content": "What is 37 * 41?"}]
+    model = random_qwen2(tokenizer, hidden_size=16, layers=1)
+    model.config.max_position_embeddings = 1024  # room for the results (TRL drops those past the model's context)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=lambda completions, **_: [0.0],
+        args=grpo_args(tmp_path, num_generations=2, per_device_train_batch_size=2, max_completion_length=512,
+                       max_tool_calling_iterations=1, generation_kwargs={"max_new_tokens": 1}),
+        train_dataset=Dataset.from_dict({"prompt": [prompt] * 2}), processing_class=tokenizer, tools=toolbox,
+    )  # fmt: skip
+    # the per-batch tool tables TRL's `_generate_and_score_completions` builds before its loop (no environment)
+    trainer._sync_tool_dicts = [{tool.__name__: tool for tool in toolbox if tool is not add_later}]
+    trainer._async_tool_dicts = [{"add_later": add_later}]
+    assistant = {"role": "assistant", "content": "", "tool_calls": calls}
+    prompt_ids = [evaluation.prompt_ids(tokenizer, prompt)]
+    _, completions, *_ = trainer._tool_call_loop(
+        [list(prompt)], prompt_ids, [[tokenizer.eos_token_id]], [[assistant]], None, None, {}
+    )
+    theirs = [message for message in completions[0] if message["role"] == "tool"]
+    instance = base.TaskInstance("tools", prompt, lambda completion: 0.0, tools=tuple(toolbox))
+    rendering = evaluation.ChatRendering()
+    episode = evaluation.Episode(instance, tokenizer, rendering, collections.Counter(), timeout_s=5.0)
+    ours = episode.run_tool_calls(calls)
+    assert ours == theirs and len(ours) == len(calls)
+    assert ours[0]["content"] == [{"type": "text", "text": "1517"}]  # content blocks kept as they are
+    assert ours[-2] == tool("python", str({"error": "Unsupported tool call type: code"}))
+    assert ours[-1] == tool("add_later", "5")  # awaited after the others
 
 
 def chat_template_tokenizer(path: str, template: str) -> Any:
