@@ -1,4 +1,5 @@
-"""Held-out evaluation: batched greedy (or best-of-k sampled) decoding through the chat template, scored by eval_fn.
+"""Held-out evaluation: batched greedy (or best-of-k sampled) decoding through the chat template, scored by eval_fn
+(`held_out_scores`), and a run's eval over all processes of its launch, each scoring its shard (`held_out_eval`).
 
 A tool task's instances run multi-turn episodes built as TRL's training tool loop (GRPOTrainer's private
 `_tool_call_loop` and `_get_tool_suffix_ids`) builds them, so that the eval scores the episodes training runs; it has
@@ -26,13 +27,15 @@ import asyncio
 import collections
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -343,3 +346,41 @@ def tool_episodes(
             still_active.append(episode)
         active = still_active
     return episodes
+
+
+def held_out_eval(trainer, instances: Sequence[TaskInstance], progress: bool = False) -> dict[str, float]:
+    """The run's held-out eval on every process of `trainer`'s launch, each scoring its shard of `instances`: greedy
+    accuracy per task as `eval_{task}_accuracy`, a tool task's tool-call rate as `eval_{task}_tool_calls`, and
+    `eval_{task}_pass@k` when the run's `eval_pass_k` is on (TrainConfig `trainer.cfg`)."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = list(instances)[rank::world]
+    score = functools.partial(
+        held_out_scores, accelerator.unwrap_model(trainer.model), trainer.processing_class, shard, cfg.max_new_tokens,
+        cfg.eval_batch_size, max_tool_calling_iterations=cfg.max_tool_calling_iterations,
+        tool_timeout_s=cfg.tool_timeout_s, progress=progress,
+        chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
+    )  # fmt: skip
+    names = sorted({instance.name for instance in instances})
+    greedy = score()
+    metrics = reduce_over_processes(accelerator, shard, greedy["accuracy"], "accuracy", names)
+    if tool_tasks := sorted({instance.name for instance in instances if instance.uses_tools}):
+        metrics |= reduce_over_processes(accelerator, shard, greedy["tool_calls"], "tool_calls", tool_tasks)
+    if cfg.eval_pass_k:
+        best_of_k = score(samples=cfg.eval_pass_k, temperature=cfg.temperature, seed=cfg.seed + rank)
+        metrics |= reduce_over_processes(accelerator, shard, best_of_k["accuracy"], f"pass@{cfg.eval_pass_k}", names)
+    return metrics
+
+
+def reduce_over_processes(
+    accelerator: Accelerator, shard: list[TaskInstance], shard_means: dict[str, float], metric: str, names: list[str]
+) -> dict[str, float]:
+    """`eval_{task}_{metric}` for each task of `names` over all processes' shards, from each shard's per-task means."""
+    sizes = [sum(instance.name == name for instance in shard) for name in names]
+    sums_and_sizes = torch.tensor(
+        [[shard_means.get(name, 0.0) * size, size] for name, size in zip(names, sizes, strict=True)],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
+    totals = accelerator.reduce(sums_and_sizes, reduction="sum").tolist()
+    return {f"eval_{name}_{metric}": total / max(n, 1) for name, (total, n) in zip(names, totals, strict=True)}

@@ -1,9 +1,10 @@
 """Launch checks: how a run's completions split over a launch's processes (`micro_batches`), what a sharded launch
-cannot run (`check_sharding`, `check_launch`), the launch accelerate set up (`launch_setting`, `launch_uses_fsdp`),
+cannot run (`check_sharding`, `check_launch`), the launch accelerate set up (`Sharding.of_this_launch`),
 and a vLLM server that answers (`check_vllm_server`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from urllib.parse import urlparse
@@ -50,18 +51,43 @@ def check_sharding(cfg: TrainConfig, *, zero_stage: int = 0, fsdp: bool = False)
         )
 
 
-def launch_uses_fsdp() -> bool:
-    """Whether this launch is an FSDP one (accelerate's environment)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """How a launch of `num_processes` splits the model state: DeepSpeed ZeRO `zero_stage` (0: none), or FSDP2."""
 
+    num_processes: int
+    zero_stage: int
+    fsdp: bool
 
-def launch_setting() -> tuple[int, int]:
-    """(processes, ZeRO stage) of the current launch: accelerate's environment, else one process without ZeRO."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    stage = (
-        int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if os.environ.get("ACCELERATE_USE_DEEPSPEED") else 0
-    )
-    return processes, stage
+    @classmethod
+    def of_this_launch(cls) -> Sharding:
+        """accelerate's environment (processes, ZeRO stage, FSDP), else one process without sharding."""
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+        return cls(
+            num_processes=int(os.environ.get("WORLD_SIZE", "1")),
+            zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")) if deepspeed else 0,
+            fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true",
+        )
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero_stage > 0
+
+    def over(self, sharded: bool) -> int:
+        """The divisor of a state that is sharded (`sharded`) under this launch."""
+        return self.num_processes if sharded else 1
+
+    @property
+    def weights(self) -> int:
+        return self.over(self.zero_stage == 3 or self.fsdp)
+
+    @property
+    def gradients(self) -> int:
+        return self.over(self.zero_stage >= 2 or self.fsdp)
+
+    @property
+    def optimizer(self) -> int:
+        return self.over(self.deepspeed or self.fsdp)
 
 
 VLLM_CONNECT_TIMEOUT_S = 5.0  # a server that is up accepts at once; TRL's own loop then waits for its health check
@@ -86,7 +112,7 @@ def check_vllm_server(host: str, port: int, base_url: str | None = None) -> None
 def check_launch(trainer, cfg) -> None:
     """Refuse what this launch's sharding cannot run (`check_sharding`), and an FSDP config that accelerate
     did not turn into FSDP (it does so on GPUs only: CPU processes would silently run plain DDP)."""
-    if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
+    if Sharding.of_this_launch().fsdp and not trainer.is_fsdp_enabled:
         raise ValueError(
             "an FSDP accelerate config, but accelerate enables FSDP on GPUs only (on CPU processes it would run "
             "plain DDP): launch CPU processes with --multi_gpu instead"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nanopost_trl.config import TRL_VOCAB_CHUNK, TrainConfig
-from nanopost_trl.launch import check_sharding, launch_setting, launch_uses_fsdp
+from nanopost_trl.launch import Sharding, check_sharding
 from nanopost_trl.models import SHIPPED_GGUF, check_model, resolve_model_path
 from nanopost_trl.presets import GEMMA_1B, QWEN_0_5B, QWEN_1_5B, QWEN_3B
 
@@ -333,6 +333,35 @@ def estimate(
     whether TRL's fused log-prob pass runs its Triton kernel (GPU) or its torch fallback (CPU), on the completion
     positions in both cases; `cfg.chunked_logprobs=False` prices full logits instead.
     """
+    check_estimate_arguments(cfg, num_processes, zero_stage, fsdp, device_gb, prompt_tokens)
+    shape = shape or model_shape(cfg.model)
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    uses_reference = cfg.kl_coef > 0 if uses_reference is None else uses_reference
+    sharding = Sharding(num_processes, zero_stage, fsdp)
+    parts = model_state_parts(cfg, shape, sharding, uses_reference)
+    parts |= step_parts(cfg, shape, num_processes, prompt_tokens, uses_reference, on_gpu)
+    generation, learning = phase_peaks(cfg, shape, sharding, parts, prompt_tokens)
+    device_bytes = None if device_gb is None else int(device_gb * GIB)
+    setting = setting_line(cfg, sharding, prompt_tokens, on_gpu)
+    result = MemoryEstimate(parts, generation, learning, setting, device_bytes)
+    if advise:
+        kwargs = dict(
+            num_processes=num_processes, zero_stage=zero_stage, fsdp=fsdp, uses_reference=uses_reference,
+            prompt_tokens=prompt_tokens, shape=shape, on_gpu=on_gpu, advise=False,
+        )  # fmt: skip
+        options = _knobs(cfg, num_processes, zero_stage, fsdp, uses_reference)
+        afters = [(change, estimate(alt_cfg, **{**kwargs, **extra}).peak) for change, alt_cfg, extra in options]
+        result.advice = sorted((a for a in afters if a[1] < result.peak), key=lambda a: a[1])
+    return result
+
+
+def check_estimate_arguments(
+    cfg: TrainConfig, num_processes: int, zero_stage: int, fsdp: bool, device_gb: float | None, prompt_tokens: int
+) -> None:
+    """A ValueError naming the first argument `estimate` cannot price."""
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"unknown DeepSpeed ZeRO stage {zero_stage!r}; valid: 0 (none), 2, 3")
     if fsdp and zero_stage:
@@ -346,96 +375,115 @@ def estimate(
         )
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
-    shape = shape or model_shape(cfg.model)
-    if on_gpu is None:
-        import torch
 
-        on_gpu = torch.cuda.is_available()
-    uses_reference = cfg.kl_coef > 0 if uses_reference is None else uses_reference
-    deepspeed = zero_stage > 0
-    nbytes = 2 if cfg.bf16 else 4  # activations, KV cache, logits
-    # bf16 mixed precision keeps fp32 weights (the master copy) unless bf16_weights; DeepSpeed's bf16 casts the module
-    # to bf16 and keeps its own fp32 master shards ("fp32 master weights")
-    weight_bytes = 2 if cfg.bf16_weights or (deepspeed and cfg.bf16) else 4
-    shard = num_processes if deepspeed or fsdp else 1
-    lora = shape.lora_params(cfg.lora_r, cfg.lora_target_modules) if cfg.lora_r else 0
+
+def micro_batch(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
+    """(completions per process, completions per micro-batch)."""
+    per_process = cfg.completions_per_step // num_processes
+    return per_process, min(cfg.micro_batch_size, per_process)
+
+
+def lora_params(cfg: TrainConfig, shape: ModelShape) -> int:
+    """The LoRA adapters' parameters (0 without LoRA)."""
+    return shape.lora_params(cfg.lora_r, cfg.lora_target_modules) if cfg.lora_r else 0
+
+
+def activation_dtype_bytes(cfg: TrainConfig) -> int:
+    """Bytes of an activation, KV-cache or logits element."""
+    return 2 if cfg.bf16 else 4
+
+
+def weight_dtype_bytes(cfg: TrainConfig, sharding: Sharding) -> int:
+    """Bytes of a weight: bf16 mixed precision keeps fp32 weights (the master copy) unless `bf16_weights`;
+    DeepSpeed's bf16 casts the module to bf16 and keeps its own fp32 master shards ("fp32 master weights")."""
+    return 2 if cfg.bf16_weights or (sharding.deepspeed and cfg.bf16) else 4
+
+
+def model_state_parts(cfg: TrainConfig, shape: ModelShape, sharding: Sharding, uses_reference: bool) -> dict[str, int]:
+    """What stays on the device all step: weights, gradients, optimizer states, the reference, the actor copy and
+    FSDP's gathered units."""
+    weight_bytes = weight_dtype_bytes(cfg, sharding)
+    lora = lora_params(cfg, shape)
     trainable = lora or shape.num_params
-    trainable_bytes = 4 if lora or deepspeed else weight_bytes  # LoRA adapters are fp32 (peft); so are DeepSpeed's
-    weight_shard = shard if zero_stage == 3 or fsdp else 1
-
-    parts = {
-        "policy weights": shape.num_params * weight_bytes // weight_shard + lora * 4,
-        "gradients": trainable * (4 if lora else weight_bytes) // (shard if zero_stage >= 2 or fsdp else 1),
-        "AdamW states": 2 * trainable * trainable_bytes // shard,
-        "fp32 master weights": trainable * 4 // shard if deepspeed and cfg.bf16 and not lora else 0,
-        "reference model": shape.num_params * weight_bytes // weight_shard if uses_reference and not lora else 0,
+    trainable_bytes = 4 if lora or sharding.deepspeed else weight_bytes  # LoRA adapters are fp32 (peft); so are DS's
+    gathered = shape.num_params - max(shape.num_layers - 2, 0) * shape.layer_params  # root unit and two layers
+    return {
+        "policy weights": shape.num_params * weight_bytes // sharding.weights + lora * 4,
+        "gradients": trainable * (4 if lora else weight_bytes) // sharding.gradients,
+        "AdamW states": 2 * trainable * trainable_bytes // sharding.optimizer,
+        "fp32 master weights": trainable * 4 // sharding.optimizer
+        if sharding.deepspeed and cfg.bf16 and not lora
+        else 0,
+        "reference model": shape.num_params * weight_bytes // sharding.weights if uses_reference and not lora else 0,
         "actor copy": trainable * (4 if lora else weight_bytes) if cfg.sync_interval > 1 else 0,
         # the root unit (all but the layers) and two layers; with no layer found, the whole model
-        "FSDP gathered units": (shape.num_params - max(shape.num_layers - 2, 0) * shape.layer_params) * nbytes
-        if fsdp
-        else 0,
+        "FSDP gathered units": gathered * activation_dtype_bytes(cfg) if sharding.fsdp else 0,
     }
-    per_process = cfg.completions_per_step // num_processes
-    micro = min(cfg.micro_batch_size, per_process)
+
+
+def step_parts(
+    cfg: TrainConfig, shape: ModelShape, num_processes: int, prompt_tokens: int, uses_reference: bool, on_gpu: bool
+) -> dict[str, int]:
+    """What a step's two phases add: the KV cache and the generation transient; one micro-batch's activations and
+    log-prob pass."""
+    nbytes = activation_dtype_bytes(cfg)
+    per_process, micro = micro_batch(cfg, num_processes)
     seq_len = prompt_tokens + cfg.max_new_tokens
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * per_process * seq_len * nbytes
     prefill_layer = per_process * prompt_tokens * (2 * shape.hidden_size + 3 * shape.intermediate_size) * nbytes
-    parts["KV cache"] = kv
     positions = micro * cfg.max_new_tokens  # the fused head scores the completion only (on CPU: the adapter's switch)
     path = ("triton" if on_gpu else "torch") if cfg.chunked_logprobs else "materialized"
     vocab_chunk = cfg.vocab_chunk(triton=on_gpu)
     # no-grad log-prob passes after sampling (reference, actor under staleness)
     scoring_pass = logits_bytes(shape.vocab_size, positions, nbytes, path, vocab_chunk, forward_only=True)
     scored = uses_reference or cfg.sync_interval > 1 or cfg.num_iterations > 1
-    parts["generation transient"] = max(
-        prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, scoring_pass if scored else 0
-    )
     sequences, learner_len = learner_sequences(cfg, micro, prompt_tokens)
-    parts["activations"] = activation_bytes(
-        shape, sequences, learner_len, nbytes, cfg.gradient_checkpointing, bool(lora)
-    )
+    lora = bool(lora_params(cfg, shape))
     head_trained = not lora or "lm_head" in cfg.lora_target_modules  # peft's "all-linear" leaves the head out
-    parts["log-prob pass"] = logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk, head_trained)
+    return {
+        "KV cache": kv,
+        "generation transient": max(
+            prefill_layer, _SAMPLING_COPIES * per_process * shape.vocab_size * 4, scoring_pass if scored else 0
+        ),
+        "activations": activation_bytes(shape, sequences, learner_len, nbytes, cfg.gradient_checkpointing, lora),
+        "log-prob pass": logprob_pass_bytes(shape, positions, nbytes, path, vocab_chunk, head_trained),
+    }
 
+
+def phase_peaks(
+    cfg: TrainConfig, shape: ModelShape, sharding: Sharding, parts: dict[str, int], prompt_tokens: int
+) -> tuple[int, int]:
+    """(generation, learning) peak bytes from the parts: the resident state plus each phase's own."""
     resident_parts = ("policy weights", "AdamW states", "fp32 master weights", "actor copy", "FSDP gathered units")
     resident = sum(parts[name] for name in resident_parts)
-    generation = resident + parts["reference model"] + kv + parts["generation transient"]
-    if zero_stage == 3:  # TRL gathers the full weights for generation
-        generation += shape.num_params * weight_bytes - shape.num_params * weight_bytes // weight_shard
+    generation = resident + parts["reference model"] + parts["KV cache"] + parts["generation transient"]
+    if sharding.zero_stage == 3:  # TRL gathers the full weights for generation
+        weights = shape.num_params * weight_dtype_bytes(cfg, sharding)
+        generation += weights - weights // sharding.weights
     reference = 0 if cfg.offload_reference else parts["reference model"]
+    per_process, micro = micro_batch(cfg, sharding.num_processes)
     grads_during_forward = parts["gradients"] if per_process > micro else 0  # accumulated over micro-batches
+    sequences, learner_len = learner_sequences(cfg, micro, prompt_tokens)
+    nbytes = activation_dtype_bytes(cfg)
+    checkpointed = activation_bytes(shape, sequences, learner_len, nbytes, True, bool(lora_params(cfg, shape)))
     learning = (
         resident
         + reference
-        + max(
-            parts["activations"] + parts["log-prob pass"] + grads_during_forward,
-            parts["gradients"] + activation_bytes(shape, sequences, learner_len, nbytes, True, bool(lora)),
-        )
+        + max(parts["activations"] + parts["log-prob pass"] + grads_during_forward, parts["gradients"] + checkpointed)
     )
-    device_bytes = None if device_gb is None else int(device_gb * GIB)
-    sharding = "FSDP2" if fsdp else f"ZeRO {zero_stage or 'off'}"
-    setting = (
-        f"{cfg.model}, {num_processes} process(es), {sharding}, {'bf16' if cfg.bf16 else 'fp32'}, "
+    return generation, learning
+
+
+def setting_line(cfg: TrainConfig, sharding: Sharding, prompt_tokens: int, on_gpu: bool) -> str:
+    """The launch and shapes an estimate is for, in one line."""
+    per_process, micro = micro_batch(cfg, sharding.num_processes)
+    launch = "FSDP2" if sharding.fsdp else f"ZeRO {sharding.zero_stage or 'off'}"
+    tiles = f"in {cfg.vocab_chunk(triton=on_gpu)}-wide vocabulary tiles" if cfg.chunked_logprobs else "from full logits"
+    return (
+        f"{cfg.model}, {sharding.num_processes} process(es), {launch}, {'bf16' if cfg.bf16 else 'fp32'}, "
         f"{per_process} completions/process, micro-batch {micro}, {prompt_tokens} prompt + {cfg.max_new_tokens} "
-        f"new tokens, log-probs "
-        + (f"in {vocab_chunk}-wide vocabulary tiles" if cfg.chunked_logprobs else "from full logits")
+        f"new tokens, log-probs {tiles}"
     )
-    result = MemoryEstimate(parts, generation, learning, setting, device_bytes)
-    if advise:
-        kwargs = dict(
-            num_processes=num_processes,
-            zero_stage=zero_stage,
-            fsdp=fsdp,
-            uses_reference=uses_reference,
-            prompt_tokens=prompt_tokens,
-            shape=shape,
-            on_gpu=on_gpu,
-            advise=False,
-        )
-        options = _knobs(cfg, num_processes, zero_stage, fsdp, uses_reference)
-        afters = [(change, estimate(alt_cfg, **{**kwargs, **extra}).peak) for change, alt_cfg, extra in options]
-        result.advice = sorted((a for a in afters if a[1] < result.peak), key=lambda a: a[1])
-    return result
 
 
 def _knobs(
@@ -475,13 +523,13 @@ def warn_if_over_device(cfg: TrainConfig, uses_reference: bool) -> None:
     device_gb = visible_device_gb()
     if device_gb is None:
         return
-    processes, stage = launch_setting()
+    launch = Sharding.of_this_launch()
     try:
         result = estimate(
             cfg,
-            num_processes=processes,
-            zero_stage=stage,
-            fsdp=launch_uses_fsdp(),
+            num_processes=launch.num_processes,
+            zero_stage=launch.zero_stage,
+            fsdp=launch.fsdp,
             device_gb=device_gb,
             uses_reference=uses_reference,
         )

@@ -4,7 +4,6 @@ held-out eval, the short per-step console line, and the end-of-run summary."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from transformers.trainer_callback import ProgressCallback
 from nanopost_trl import base
 from nanopost_trl.checkpoints import DiskError, disk_error_kind, disk_error_message
 from nanopost_trl.config import TrainConfig
-from nanopost_trl.evaluation import held_out_scores
+from nanopost_trl.evaluation import held_out_eval
 from nanopost_trl.run_paths import run_files
 from nanopost_trl.utils import read_rows, text_of
 
@@ -161,7 +160,7 @@ class QuietProgressCallback(ProgressCallback):
 
 
 class RunLogger(TrainerCallback):
-    """Writes the run log (main process), runs the held-out eval on every process (sharded), prints per-step lines."""
+    """Writes the run log (main process), calls the held-out eval on every process, prints per-step lines."""
 
     def __init__(self, trainer, log_path: Path, eval_instances: Sequence[base.TaskInstance], resume: bool) -> None:
         self.trainer = trainer
@@ -175,42 +174,8 @@ class RunLogger(TrainerCallback):
         self.is_main = trainer.accelerator.is_main_process
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per task as `eval_{task}_accuracy`, a tool task's tool-call rate as `eval_{task}_tool_calls`
-        (and `eval_{task}_pass@k` when cfg.eval_pass_k is on), each process scoring its shard of the instances."""
-        trainer, cfg = self.trainer, self.trainer.cfg
-        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-        shard = self.eval_instances[rank::world]
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        score = functools.partial(
-            held_out_scores, model, trainer.processing_class, shard, cfg.max_new_tokens, cfg.eval_batch_size,
-            max_tool_calling_iterations=cfg.max_tool_calling_iterations, tool_timeout_s=cfg.tool_timeout_s,
-            progress=self.is_main, chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
-        )  # fmt: skip
-        greedy = score()
-        metrics = self.reduce_over_processes(shard, greedy["accuracy"], "accuracy")
-        tool_tasks = {instance.name for instance in self.eval_instances if instance.uses_tools}
-        if tool_tasks:
-            metrics |= self.reduce_over_processes(shard, greedy["tool_calls"], "tool_calls", tool_tasks)
-        if cfg.eval_pass_k:
-            best_of_k = score(samples=cfg.eval_pass_k, temperature=cfg.temperature, seed=cfg.seed + rank)
-            metrics |= self.reduce_over_processes(shard, best_of_k["accuracy"], f"pass@{cfg.eval_pass_k}")
-        return metrics
-
-    def reduce_over_processes(
-        self, shard: list[base.TaskInstance], shard_means: dict[str, float], metric: str, tasks: set[str] | None = None
-    ) -> dict[str, float]:
-        """`eval_{task}_{metric}` over all processes' shards from each shard's per-task means (of `tasks`, default
-        all)."""
-        names = sorted(tasks if tasks is not None else {instance.name for instance in self.eval_instances})
-        sizes = [sum(instance.name == name for instance in shard) for name in names]
-        accelerator = self.trainer.accelerator
-        sums_and_sizes = torch.tensor(
-            [[shard_means.get(name, 0.0) * size, size] for name, size in zip(names, sizes, strict=True)],
-            dtype=torch.float64,
-            device=accelerator.device,
-        )
-        totals = accelerator.reduce(sums_and_sizes, reduction="sum").tolist()
-        return {f"eval_{name}_{metric}": total / max(n, 1) for name, (total, n) in zip(names, totals, strict=True)}
+        """The held-out eval over all processes (`evaluation.held_out_eval`)."""
+        return held_out_eval(self.trainer, self.eval_instances, progress=self.is_main)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.is_main:

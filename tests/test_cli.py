@@ -17,6 +17,7 @@ import pytest
 from trl import GRPOConfig
 
 from nanopost_trl import analysis, checkpoints
+from nanopost_trl.cli import main, parse, parse_loss_args, task_list
 from nanopost_trl.config import (
     COMPLETIONS_SUFFIX,
     TRL_NAMES,
@@ -29,7 +30,6 @@ from nanopost_trl.config import (
 )
 from nanopost_trl.losses import Loss
 from nanopost_trl.tasks import task_names
-from nanopost_trl.train import main, parse, parse_loss_args, task_list
 
 
 def test_preset_then_yaml_then_flags(tmp_path):

@@ -15,8 +15,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from helpers import REPO, run
 
 from nanopost_trl import memory
+from nanopost_trl.cli import main
 from nanopost_trl.config import QWEN_1_5B, QWEN_3B, Preset, check_sharding
-from nanopost_trl.train import main
 from nanopost_trl.utils import read_rows
 
 CONFIGS = REPO / "accelerate_configs"

@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanopost_trl import memory
+from nanopost_trl.cli import main
 from nanopost_trl.config import QWEN_1_5B, QWEN_3B, TINY_MODEL, Preset
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
 from nanopost_trl.tasks import resolve_tasks
-from nanopost_trl.train import main
 from nanopost_trl.trainer import Trainer
 
 BAND = 0.15

@@ -77,7 +77,7 @@ def test_bad_loss_specs_fail_in_one_line(tmp_path, loss_file, spec, message):
 
 
 def test_the_command_line_runs_a_loss_from_a_file_with_its_arguments(tmp_path, loss_file, capsys):
-    from nanopost_trl.train import main
+    from nanopost_trl.cli import main
 
     flags = ["--preset", "TINY_SMOKE", "--out_dir", str(tmp_path), "--run_name", "cli"]
     main([*flags, "--loss", f"{loss_file}:ScaledPG", "--loss_args", "scale=2"])
