@@ -203,6 +203,29 @@ def shrinks(config: GenerationConfig) -> bool:
     return config.max_new_tokens is not None and not any(getattr(config, name, None) for name in COUNTING_OPTIONS)
 
 
+@contextlib.contextmanager
+def one_uniform_per_row() -> Iterator[None]:
+    """Inside the block, `torch.multinomial(probs, 1)` of a CPU (rows, vocabulary) table, the call `generate`'s
+    sampling step makes, draws by inverse CDF: one uniform number per row against the row's cumulative probabilities
+    (float64), the same categorical distribution. torch's CPU multinomial draws an exponential per vocabulary entry
+    instead (6.3M a step on SMOLLM_CPU's 128 rows x 49,152 tokens: a quarter of the fast sampler's time). Other calls
+    pass through. It swaps `torch.multinomial` process-wide for the block: no other thread samples meanwhile."""
+    draw = torch.multinomial
+
+    def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples != 1 or probs.dim() != 2 or out is not None or probs.device.type != "cpu":
+            return draw(probs, num_samples, replacement, generator=generator, out=out)
+        cumulative = probs.double().cumsum(dim=-1)
+        uniform = torch.rand(probs.size(0), 1, dtype=torch.float64, generator=generator) * cumulative[:, -1:]
+        return torch.searchsorted(cumulative, uniform, right=True).clamp_(max=probs.size(1) - 1)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = draw
+
+
 def decode(
     model: torch.nn.Module,
     batch: Batch,
@@ -226,13 +249,14 @@ def decode(
     budget = config.max_new_tokens
     while True:
         start = input_ids.size(1)
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([HalfEnded(start, eos)] if shrink else []),
-        )
+        with one_uniform_per_row() if config.do_sample else contextlib.nullcontext():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([HalfEnded(start, eos)] if shrink else []),
+            )
         new = output.sequences[:, start:]
         for row, tokens in zip(running, new.tolist(), strict=True):
             generated[row] += tokens

@@ -17,7 +17,7 @@ from nanopost_trl.config import Preset, to_grpo_config
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
 from nanopost_trl.rewards import Correctness, RewardAdapter
-from nanopost_trl.sampling import FastSampler, model_unsupported
+from nanopost_trl.sampling import FastSampler, model_unsupported, one_uniform_per_row
 from nanopost_trl.tasks import resolve_tasks
 from nanopost_trl.trainer import build_dataset
 
@@ -165,6 +165,24 @@ def test_sampled_tokens_logprobs_equal_the_learners(make):
     scored = completion_mask.bool()
     assert scored.sum() > len(rows)
     torch.testing.assert_close(sampler[scored], learner[scored], rtol=1e-4, atol=1e-5)
+
+
+def test_one_uniform_per_row_draws_the_categorical_distribution():
+    """Inside the block, generate's `torch.multinomial(probs, 1)` draws each token with its probability (a zero one
+    never), from rows of unnormalised weights; other calls, and every call after the block, are torch's own."""
+    weights = torch.tensor([[0.5, 0.0, 2.0, 1.5, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0, 1.0, 0.0]])
+    draws, original = 100_000, torch.multinomial
+    torch.manual_seed(0)
+    with one_uniform_per_row():
+        rows = [torch.multinomial(weights[[r]].expand(draws, -1), 1)[:, 0] for r in range(2)]
+        assert torch.multinomial(weights, 2).shape == (2, 2)  # not a sampling step: torch's
+    assert torch.multinomial is original
+    for row, tokens in zip(weights, rows, strict=True):
+        expected = row / row.sum()
+        frequencies = torch.bincount(tokens, minlength=len(row)) / draws
+        sigma = (expected * (1 - expected) / draws).sqrt()
+        assert (frequencies - expected).abs().max() <= 5 * sigma.max()
+        assert (frequencies[expected == 0] == 0).all()
 
 
 def test_switch_off_takes_trls_path(make):
