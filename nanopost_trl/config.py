@@ -64,10 +64,59 @@ class TrainConfig:
     kl_coef: float = field(
         default=0.0, metadata={"help": "KL-to-reference coefficient for losses whose kl_coef is None; 0 skips ref."}
     )
+    # --- the learner's batch: which completions and groups the loss trains on, and a loss that is not finite
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's: completions cut at max_new_tokens leave the loss mask and the step's token count, for "
+            "every loss (a loss's own mask_truncated drops them from its terms but not from num_items_in_batch)."
+        },
+    )
+    refill_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "With a loss that drops prompt groups (keep_groups, e.g. DAPO's all-equal rewards): sample up to N "
+            "more generation batches per step so the step still trains on prompts_per_step kept groups."
+        },
+    )
+    skip_nonfinite: bool = field(
+        default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
+    )
     # --- sampling
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for rollouts."})
+    fast_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Sample without vLLM with each distinct prompt prefilled once per group (its KV cache laid out "
+            "for the group's rows) and tool rounds continued from the cache: same sampling options and tokens as "
+            "TRL's transformers path. False: TRL's path. Falls back (and says why once) where it cannot apply."
+        },
+    )
+    # --- sampling with vLLM (GPU only)
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "'colocate': a vLLM engine inside each training process, sharing its GPU; 'server': one "
+            "`trl vllm-serve` on GPUs of its own, at vllm_server_host:vllm_server_port (or vllm_server_base_url)."
+        },
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's HTTP port."})
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "vllm_mode='server': the server's URL (e.g. http://10.0.0.2:8000), instead of host/port."},
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "vllm_mode='server': the port of the weight-update group (trainer -> server NCCL)."},
+    )
+    vllm_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "vllm_mode='server': seconds TRL waits for the server's health check once its port answers."},
+    )
     # --- tool tasks (tasks whose instances carry tools or an environment; others ignore these)
     max_tool_calling_iterations: int = field(
         default=4, metadata={"help": "Tool-calling rounds per episode, in training and eval (TRL's option)."}
@@ -109,28 +158,21 @@ class TrainConfig:
     )
     # --- data
     data_dir: str | None = field(default=None, metadata={"help": "Local dir with task data files (offline use)."})
-    # --- run bookkeeping
+    # --- run name, logs and checkpoints
     seed: int = field(default=0, metadata={"help": "Seed for model init, sampling and data order."})
     run_name: str | None = field(default=None, metadata={"help": "Name of the run; default: loss-tasks-seed-time."})
     out_dir: str = field(default="out", metadata={"help": "Where {run_name}.jsonl, config and checkpoints go."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: final model only)."})
     save_final_model: bool = field(default=True, metadata={"help": "save_pretrained the final model/adapter."})
+    collective_timeout_s: int = field(
+        default=120,
+        metadata={
+            "help": "Multi-process runs: seconds a process waits in a collective, and for a silent peer, before it "
+            "stops naming the lost rank (torch's own default is 10-30 minutes)."
+        },
+    )
     wandb_log: bool = field(default=False, metadata={"help": "Report to Weights & Biases."})
     wandb_project: str = field(default="nanopost_trl", metadata={"help": "W&B project."})
-    mask_truncated_completions: bool = field(
-        default=False,
-        metadata={
-            "help": "TRL's: completions cut at max_new_tokens leave the loss mask and the step's token count, for "
-            "every loss (a loss's own mask_truncated drops them from its terms but not from num_items_in_batch)."
-        },
-    )
-    refill_rounds: int = field(
-        default=0,
-        metadata={
-            "help": "With a loss that drops prompt groups (keep_groups, e.g. DAPO's all-equal rewards): sample up to N "
-            "more generation batches per step so the step still trains on prompts_per_step kept groups."
-        },
-    )
     completions_per_step_logged: int = field(
         default=4,
         metadata={
@@ -145,17 +187,7 @@ class TrainConfig:
     num_completions_to_print: int | None = field(
         default=None, metadata={"help": "log_completions: rows of TRL's table (None: the whole step)."}
     )
-    collective_timeout_s: int = field(
-        default=120,
-        metadata={
-            "help": "Multi-process runs: seconds a process waits in a collective, and for a silent peer, before it "
-            "stops naming the lost rank (torch's own default is 10-30 minutes)."
-        },
-    )
-    skip_nonfinite: bool = field(
-        default=False, metadata={"help": "Skip (and count) steps whose loss is NaN/inf instead of raising."}
-    )
-    # --- memory / precision
+    # --- memory / precision / the learner's speed
     bf16: bool = field(
         default=False,
         metadata={
@@ -187,14 +219,6 @@ class TrainConfig:
             "compute shrinks by the group size. Falls back (and says why once) for models it cannot apply to."
         },
     )
-    fast_sampling: bool = field(
-        default=True,
-        metadata={
-            "help": "Sample without vLLM with each distinct prompt prefilled once per group (its KV cache laid out "
-            "for the group's rows) and tool rounds continued from the cache: same sampling options and tokens as "
-            "TRL's transformers path. False: TRL's path. Falls back (and says why once) where it cannot apply."
-        },
-    )
     logprob_vocab_chunk: int | None = field(
         default=None,
         metadata={
@@ -205,28 +229,6 @@ class TrainConfig:
     use_liger_kernel: bool = field(
         default=False,
         metadata={"help": "TRL's: Liger's layer kernels (Triton, GPU only; the loss path is unchanged)."},
-    )
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU only; see vllm_mode)."})
-    vllm_mode: str = field(
-        default="colocate",
-        metadata={
-            "help": "'colocate': a vLLM engine inside each training process, sharing its GPU; 'server': one "
-            "`trl vllm-serve` on GPUs of its own, at vllm_server_host:vllm_server_port (or vllm_server_base_url)."
-        },
-    )
-    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
-    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's HTTP port."})
-    vllm_server_base_url: str | None = field(
-        default=None,
-        metadata={"help": "vllm_mode='server': the server's URL (e.g. http://10.0.0.2:8000), instead of host/port."},
-    )
-    vllm_group_port: int = field(
-        default=51216,
-        metadata={"help": "vllm_mode='server': the port of the weight-update group (trainer -> server NCCL)."},
-    )
-    vllm_server_timeout: float = field(
-        default=240.0,
-        metadata={"help": "vllm_mode='server': seconds TRL waits for the server's health check once its port answers."},
     )
     # --- LoRA (peft); lora_r = 0 trains all weights
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})

@@ -18,6 +18,7 @@ SLOW_SMALLEST = {
     "shared_prompt": ["--shapes", "prompt-heavy", "--rounds", "1"],
     "cpu_step": ["--rounds", "1", "--precisions", "fp32"],
     "gpu_presets": ["--shrink", "--steps", "1", "--presets", "QWEN_0_5B_SMOKE"],
+    "sampling": ["--shapes", "--step", "--rounds", "1", "--no_warmup"],  # both trainers, a whole step each
 }
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nanopost_trl import memory
 from nanopost_trl.cli import main
 from nanopost_trl.config import QWEN_1_5B, QWEN_3B, TINY_MODEL, Preset
+from nanopost_trl.launch import Sharding
 from nanopost_trl.losses import GRPOLoss
 from nanopost_trl.models import resolve_model_path
 from nanopost_trl.tasks import resolve_tasks
@@ -205,3 +206,26 @@ def test_the_shared_prompt_packs_each_group_into_one_learner_row():
         for c in (cfg, unshared)
     )
     assert shared_gb < 0.5 * unshared_gb
+
+
+def test_the_launch_and_what_it_shards(monkeypatch):
+    """accelerate's environment gives the launch (`Sharding.of_this_launch`, read by the planner, the CLI's
+    `--estimate` and the adapter's launch check); what each launch shards divides that state by the processes."""
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    assert Sharding.of_this_launch() == Sharding(1, 0, False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert Sharding.of_this_launch() == Sharding(4, 0, False)  # a stage without DeepSpeed on is no DeepSpeed launch
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert Sharding.of_this_launch() == Sharding(4, 3, False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert Sharding.of_this_launch().fsdp
+    divisors = {
+        Sharding(4, 0, False): (1, 1, 1),
+        Sharding(4, 2, False): (1, 4, 4),
+        Sharding(4, 3, False): (4, 4, 4),
+        Sharding(4, 0, True): (4, 4, 4),
+    }
+    for sharding, (weights, gradients, optimizer) in divisors.items():
+        assert (sharding.weights, sharding.gradients, sharding.optimizer) == (weights, gradients, optimizer), sharding
