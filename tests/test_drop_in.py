@@ -107,13 +107,16 @@ def test_trl_evaluation_loop_runs_without_grad_and_logs_eval_names(tmp_path, tok
 
 
 def advantages(trainer_class, tmp_path, tokenizer, random_model_dir, **options) -> torch.Tensor:
-    """The advantages of one generation batch (the same sampled completions for either trainer)."""
+    """The advantages of one generation batch (the same sampled completions for either trainer: ours on TRL's
+    sampler, as the fast sampler draws the same distribution from another random stream)."""
+    ours = {"cfg": TrainConfig(fast_sampling=False)} if trainer_class is NanopostGRPOTrainer else {}
     trainer = trainer_class(
         model=AutoModelForCausalLM.from_pretrained(random_model_dir),
         reward_funcs=[length_reward, lambda completions, **kw: [float(len(c) % 3) for c in completions]],
         args=trl_args(tmp_path, **options),
         train_dataset=plain_dataset(),
         processing_class=tokenizer,
+        **ours,
     )
     trainer.model.train()
     torch.manual_seed(3)
