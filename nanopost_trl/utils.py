@@ -1,4 +1,6 @@
-"""Small helpers shared across the package."""
+"""Small helpers shared across the package: dataclass fields typed from text (`convert_field`, `make_dataclass`: the
+CLI's flags, `--loss_args`, YAML) with a close-match hint for a misspelt name; a JSONL log read back whole
+(`read_rows`); the text of a prompt or a chat (`text_of`)."""
 
 from __future__ import annotations
 
